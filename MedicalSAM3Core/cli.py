@@ -1,0 +1,175 @@
+"""``medsam3`` command line: segment a CT/MR volume from structure names.
+
+    medsam3 segment ct.nii.gz --prompt liver --prompt spleen --model DIR_OR_HUB_ID -o liver_spleen.nii.gz
+
+Exit codes: 0 success, 2 bad input / model error (message names the problem), 130 cancelled
+with Ctrl-C. No output file is written unless all of them could be written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import __version__
+from .common.errors import InputError, MedSAM3Error, ModelLoadError
+from .common.prompts import default_dictionary, split_prompt_text
+from .common.resources import resources_dir
+
+log = logging.getLogger("medsam3")
+
+
+def default_model() -> str:
+    """``$MEDSAM3_MODEL``, else the demo model shipped in ``Resources/demo_model``."""
+    env = os.environ.get("MEDSAM3_MODEL")
+    if env:
+        return env
+    demo = resources_dir() / "demo_model"
+    if (demo / "config.json").is_file():
+        return str(demo)
+    raise ModelLoadError("no --model given, MEDSAM3_MODEL is not set and no demo model is installed in "
+                         f"{demo}; pass --model with a model folder or a hub id such as facebook/sam3")
+
+
+def _output_default(input_path: Path) -> Path:
+    name = input_path.name.rstrip("/") or "volume"
+    for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.lower().endswith(ext):
+            name = name[: -len(ext)]
+            break
+    return Path.cwd() / f"{name}_medsam3.nii.gz"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medsam3", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    seg = sub.add_parser("segment", help="segment structures named by text in a CT/MR volume",
+                         description="Segment every prompt through the volume and write a label map on the input "
+                                     "grid, a JSON sidecar, and optionally a Slicer .seg.nrrd and a PNG overlay.")
+    seg.add_argument("input", type=Path, help="NIfTI/NRRD/MHA file or a DICOM series folder")
+    seg.add_argument("-p", "--prompt", action="append", required=True,
+                     help="structure name, e.g. 'liver' (repeat, or separate with commas)")
+    seg.add_argument("-m", "--model", help="model folder or hub id (default: $MEDSAM3_MODEL, else the demo model)")
+    seg.add_argument("-o", "--output", type=Path, help="label map path (.nii.gz/.nrrd/.mha; default "
+                                                         "<input>_medsam3.nii.gz in the current folder)")
+    seg.add_argument("--seg-nrrd", action="store_true", help="also write <output>.seg.nrrd for 3D Slicer")
+    seg.add_argument("--overlay", action="store_true", help="also write <output>_overlay.png to look at")
+    seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    seg.add_argument("--mode", choices=["propagate", "slices"], default="propagate",
+                     help="propagate: detector + memory-bank tracker (default); slices: detector per slice")
+    seg.add_argument("--threshold", type=float, default=0.5, help="instance score threshold (default 0.5)")
+    seg.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability threshold (default 0.5)")
+    seg.add_argument("--new-object-threshold", type=float, default=None,
+                     help="propagate: detection score that starts a new track (default: the model's, 0.7)")
+    seg.add_argument("--instances", choices=["best", "union"], default="best",
+                     help="per slice keep the best instance or the union of all above threshold")
+    seg.add_argument("--window", default="auto",
+                     help="CT window: auto, soft_tissue, abdomen, lung, bone, brain (default auto)")
+    seg.add_argument("--modality", default="auto", help="auto (file tag, else HU heuristic), CT, MR, ...")
+    seg.add_argument("--slice-axis", choices=["k", "j", "i"], default="k", help="index axis to slice along")
+    seg.add_argument("--batch-size", type=int, default=4, help="slices per forward pass (default 4)")
+    seg.add_argument("--min-component-voxels", type=int, default=0, help="clean-up: drop smaller 3D components")
+    seg.add_argument("--fill-holes", action="store_true", help="clean-up: fill enclosed holes")
+    seg.add_argument("--label-type", choices=["uint8", "uint16"], default="uint8", help="label map voxel type")
+    seg.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    seg.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA), float32, bfloat16, float16")
+    seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    sub.add_parser("prompts", help="list the prompt dictionary (canonical names and synonyms)")
+    tiny = sub.add_parser("make-tiny-model", help="write a tiny RANDOM-WEIGHT SAM3 model (tests, smoke runs)")
+    tiny.add_argument("output", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="medsam3: %(levelname)s: %(message)s")
+    try:
+        if args.command == "segment":
+            return _segment(args)
+        if args.command == "prompts":
+            for concept in default_dictionary().concepts:
+                print(f"{concept.name:24s} {', '.join(concept.synonyms)}")
+            return 0
+        if args.command == "make-tiny-model":
+            from .inference.tiny import build_tiny_model
+
+            print(build_tiny_model(args.output, seed=args.seed))
+            return 0
+    except MedSAM3Error as error:
+        print(f"medsam3: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medsam3: cancelled; no output written", file=sys.stderr)
+        return 130
+    return 2
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from .imaging.io import read_volume
+    from .imaging.outputs import OutputPaths, check_writable, write_result
+
+    if any(not text.strip() for text in args.prompt):
+        raise InputError("empty prompt: give a structure name such as 'liver'")
+    prompts = [p for text in args.prompt for p in split_prompt_text(text)]
+    default_dictionary().resolve_all(prompts)  # refuse bad prompts before any heavy work
+    output = args.output or _output_default(args.input)
+    paths = OutputPaths.beside(output, seg_nrrd=args.seg_nrrd, overlay=args.overlay)
+    check_writable(paths, args.overwrite)
+    volume = read_volume(args.input)
+    model_source = args.model or default_model()
+    if not args.model:
+        print(f"medsam3: using the default model {model_source}", file=sys.stderr)
+
+    from .inference.engine import SegmentOptions, Segmenter
+    from .inference.models import load_model
+
+    options = SegmentOptions(mode=args.mode, score_threshold=args.threshold, mask_threshold=args.mask_threshold,
+                             new_object_threshold=args.new_object_threshold, instances=args.instances,
+                             window=args.window, modality=args.modality, slice_axis=args.slice_axis,
+                             batch_size=args.batch_size, min_component_voxels=args.min_component_voxels,
+                             fill_holes=args.fill_holes, label_dtype=args.label_type)
+    options.validate()
+    model = load_model(model_source, device=args.device, dtype=args.dtype)
+    result = Segmenter(model).segment(volume, prompts, options, progress=_progress_bar(args.quiet))
+    write_result(result, paths, volume)
+    _print_summary(result, paths)
+    return 0
+
+
+def _progress_bar(quiet: bool):
+    if quiet:
+        return None
+    from tqdm import tqdm
+
+    state: dict = {}
+
+    def update(event) -> None:
+        bar = state.get("bar")
+        if bar is None:
+            bar = state["bar"] = tqdm(total=event.total, unit="slice", file=sys.stderr, leave=False)
+        bar.set_description(event.stage)
+        bar.update(event.done - bar.n)
+        if event.done >= event.total:
+            bar.close()
+
+    return update
+
+
+def _print_summary(result, paths) -> None:
+    print(f"{'value':>5}  {'name':24s} {'confidence':>10} {'voxels':>10} {'volume ml':>10}")
+    for label in result.labels:
+        print(f"{label.value:5d}  {label.name:24s} {label.confidence:10.3f} {label.voxel_count:10d} {label.volume_ml:10.2f}")
+    for path in paths.all():
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""Errors that reach a user: each names the problem and, where possible, what to do next."""
+
+
+class MedSAM3Error(Exception):
+    """Base class of every error the engine reports to a user (CLI exit code 2)."""
+
+
+class InputError(MedSAM3Error, ValueError):
+    """The input volume, prompts or options are unusable (wrong file, dimensions, NaNs...)."""
+
+
+class ModelLoadError(MedSAM3Error):
+    """The model could not be found or loaded (unknown path or hub id, gated repo, offline...)."""
+
+
+class Cancelled(MedSAM3Error):
+    """The caller cancelled a running job through its :class:`~MedicalSAM3Core.common.progress.CancelToken`."""

@@ -1,0 +1,1 @@
+"""Reading and writing medical images (SimpleITK, nowhere else in the project)."""

@@ -1,0 +1,170 @@
+"""Write a :class:`SegmentationResult` as files: label map, JSON sidecar, Slicer .seg.nrrd, PNG overlay.
+
+All outputs of one call are staged as temporary files and renamed into place only after every
+one of them was written, so an error or Ctrl-C never leaves a partial set. Existing files are
+never overwritten unless the caller says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..common.errors import InputError
+from ..common.result import SegmentationResult
+from ..common.volume import Volume
+from .io import image_from_array, staged_file, write_image
+
+
+@dataclass
+class OutputPaths:
+    """Where the outputs of one segmentation go (``None`` = not written)."""
+
+    label_map: Path
+    sidecar: Optional[Path] = None
+    seg_nrrd: Optional[Path] = None
+    overlay_png: Optional[Path] = None
+
+    @classmethod
+    def beside(cls, label_map: Path, seg_nrrd: bool = False, overlay: bool = False) -> "OutputPaths":
+        """Sidecar (and optionally .seg.nrrd / .png) named after the label map."""
+        label_map = Path(label_map)
+        name = label_map.name
+        for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+            if name.lower().endswith(ext):
+                name = name[: -len(ext)]
+                break
+        stem = label_map.with_name(name)
+        return cls(label_map, stem.with_name(name + ".json"),
+                   stem.with_name(name + ".seg.nrrd") if seg_nrrd else None,
+                   stem.with_name(name + "_overlay.png") if overlay else None)
+
+    def all(self) -> list[Path]:
+        return [p for p in (self.label_map, self.sidecar, self.seg_nrrd, self.overlay_png) if p is not None]
+
+
+def check_writable(paths: OutputPaths, overwrite: bool) -> None:
+    """Refuse before any work is done if an output exists (and ``overwrite`` is off)."""
+    existing = [str(p) for p in paths.all() if p.exists()]
+    if existing and not overwrite:
+        raise InputError(f"output file(s) already exist: {', '.join(existing)} (use --overwrite to replace them)")
+    for path in paths.all():
+        parent = path.parent if str(path.parent) else Path(".")
+        if parent.exists() and not os.access(parent, os.W_OK):
+            raise InputError(f"cannot write to folder {parent}")
+
+
+def write_result(result: SegmentationResult, paths: OutputPaths, volume: Optional[Volume] = None) -> None:
+    """Write every requested output of ``result``; all appear together or none does.
+
+    ``volume`` (the input) is needed for the PNG overlay only.
+    """
+    with ExitStack() as stack:
+        staged: list[tuple[Path, Path]] = []
+
+        def stage(final: Path) -> Path:
+            tmp = stack.enter_context(staged_file(final))
+            staged.append((tmp, final))
+            return tmp
+
+        write_image(image_from_array(result.label_map, result.geometry), stage(paths.label_map))
+        if paths.sidecar is not None:
+            stage(paths.sidecar).write_text(json.dumps(result.sidecar(), indent=2) + "\n", encoding="utf-8")
+        if paths.seg_nrrd is not None:
+            write_image(seg_nrrd_image(result), stage(paths.seg_nrrd))
+        if paths.overlay_png is not None:
+            if volume is None:
+                raise InputError("an overlay PNG needs the input volume")
+            write_image(overlay_image(volume, result), stage(paths.overlay_png), compress=False)
+        for tmp, final in staged:
+            os.replace(tmp, final)
+
+
+def seg_nrrd_image(result: SegmentationResult) -> sitk.Image:
+    """The merged label map as a 3D Slicer segmentation (``.seg.nrrd``, one labelmap layer).
+
+    Slicer reads the ``Segment<N>_*`` fields written as NRRD key/value pairs; terminology uses
+    Slicer's ``category~type~modifier`` string with SNOMED CT codes from the prompt dictionary.
+    """
+    image = image_from_array(result.label_map, result.geometry)
+    image.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
+    image.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
+    image.SetMetaData("Segmentation_ReferenceImageExtentOffset", "0 0 0")
+    z, y, x = result.label_map.shape
+    for index, label in enumerate(result.labels):
+        prefix = f"Segment{index}_"
+        present = np.nonzero(result.label_map == label.value)
+        if present[0].size:
+            extent = (f"{present[2].min()} {present[2].max()} {present[1].min()} {present[1].max()} "
+                      f"{present[0].min()} {present[0].max()}")
+        else:
+            extent = f"0 {x - 1} 0 {y - 1} 0 {z - 1}"
+        r, g, b = (c / 255.0 for c in label.color)
+        fields = {
+            "ID": f"Segment_{label.value}",
+            "Name": label.name,
+            "NameAutoGenerated": "0",
+            "Color": f"{r:.6f} {g:.6f} {b:.6f}",
+            "ColorAutoGenerated": "0",
+            "LabelValue": str(label.value),
+            "Layer": "0",
+            "Extent": extent,
+            "Tags": _terminology_tag(label.terminology),
+        }
+        for key, value in fields.items():
+            image.SetMetaData(prefix + key, value)
+    return image
+
+
+def _terminology_tag(terminology: Optional[dict]) -> str:
+    if not terminology:
+        return "|"
+    category, kind = terminology["category"], terminology["type"]
+    term = (f"Segmentation category and type - 3D Slicer General Anatomy list~"
+            f"{category['scheme']}^{category['code']}^{category['meaning']}~"
+            f"{kind['scheme']}^{kind['code']}^{kind['meaning']}~^^~")
+    region = terminology.get("region")
+    region_code = f"{region['scheme']}^{region['code']}^{region['meaning']}" if region else "^^"
+    term += f"Anatomic codes - DICOM master list~{region_code}~^^"
+    return f"TerminologyEntry:{term}|"
+
+
+def overlay_image(volume: Volume, result: SegmentationResult, n_slices: int = 3,
+                  window: tuple[float, float] | None = None) -> sitk.Image:
+    """An RGB PNG montage of ``n_slices`` axial (k) slices with the label map blended in color.
+
+    Slices are spread over the labelled extent (or the whole volume if nothing was found).
+    Meant for a quick visual check, not for measurement.
+    """
+    array = volume.array.astype(np.float32)
+    if window is None:
+        low, high = (-160.0, 240.0) if (volume.modality or "").upper() == "CT" or array.min() < -500 else \
+            tuple(np.percentile(array[:: max(1, array.shape[0] // 16)], [1, 99]))
+    else:
+        low, high = window
+    labelled = np.nonzero(result.label_map.any(axis=(1, 2)))[0]
+    first, last = (labelled[0], labelled[-1]) if labelled.size else (0, array.shape[0] - 1)
+    ks = np.unique(np.linspace(first, last, n_slices + 2)[1:-1].round().astype(int)) if last > first else [first]
+    colors = np.zeros((max(l.value for l in result.labels) + 1 if result.labels else 1, 3), np.float32)
+    for label in result.labels:
+        colors[label.value] = label.color
+    tiles = []
+    for k in ks:
+        gray = np.clip((array[k] - low) / max(high - low, 1e-6), 0, 1)[..., None] * 255.0
+        labels = result.label_map[k]
+        rgb = np.where(labels[..., None] > 0, 0.45 * gray + 0.55 * colors[labels], gray)
+        tiles.append(rgb.astype(np.uint8))
+    # Display in radiological convention (anterior up, patient's left on the right) for the
+    # axis-aligned part of the direction matrix.
+    direction = volume.geometry.direction_matrix
+    flip_rows, flip_cols = direction[1, 1] < 0, direction[0, 0] < 0
+    tiles = [tile[::-1 if flip_rows else 1, ::-1 if flip_cols else 1] for tile in tiles]
+    montage = np.concatenate(tiles, axis=1)
+    return sitk.GetImageFromArray(montage, isVector=True)

@@ -1,0 +1,1 @@
+"""Model loading and volume inference (needs torch and transformers)."""

@@ -1,0 +1,455 @@
+"""Volume inference: text prompts -> 3D segmentation, slice by slice.
+
+The cost structure of SAM3 is visible in the API, as in segment-anything's predictor: the vision
+encoder (most of the work) runs ONCE per slice and its features are reused for every prompt;
+each prompt's text embedding is computed once per volume.
+
+Modes
+-----
+``slices``
+    SAM3's detector (``Sam3Model``) on every slice. Per prompt and slice the best instance is kept
+    (or the union of instances above threshold). Score = sigmoid(class logit) x sigmoid(presence
+    logit), exactly transformers' ``post_process_instance_segmentation``.
+``propagate`` (default)
+    SAM3's detector-tracker (``Sam3VideoModel``) with its memory bank, the slices as video frames.
+    A quick detection pass over a few evenly spaced slices finds the slice where the prompts are
+    detected most confidently; tracking starts there and runs to both ends of the volume in two
+    sweeps. The detector keeps running on every frame inside the video model, so structures in
+    several disconnected places are re-detected and added as new objects.
+
+Slices are taken along the acquisition axis ``k`` by default (``slice_axis`` may choose ``j`` or
+``i``). Memory stays bounded: slices are preprocessed on the fly, in batches, so a 1000-slice
+volume never holds more than a batch of model-resolution tensors; the output label map and the
+bit-packed per-prompt masks are the only volume-sized arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..common.errors import InputError
+from ..common.progress import CancelToken, ProgressCallback, ProgressTracker
+from ..common.prompts import PromptDictionary, ResolvedPrompt, default_dictionary
+from ..common.result import LabelInfo, SegmentationResult, pack_mask
+from ..common.volume import Volume
+from ..preprocessing.intensity import IntensitySpec, detect_modality, spec_for, to_model_input
+from .merging import VolumeAccumulator, clean_up, label_capacity
+from .models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+SLICE_AXES = {"k": 0, "j": 1, "i": 2}
+MODES = ("propagate", "slices")
+
+
+@dataclass
+class SegmentOptions:
+    """What a caller can tune. Defaults follow SAM3's own inference settings."""
+
+    mode: str = "propagate"
+    score_threshold: float = 0.5
+    mask_threshold: float = 0.5
+    instances: str = "best"  # "best": best instance per slice; "union": all instances above threshold
+    window: str = "auto"  # CT preset name, or "auto" (modality + prompt anatomy)
+    modality: str = "auto"  # "auto" (file tag, else HU heuristic), "CT", "MR", ...
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    slice_axis: str = "k"
+    batch_size: int = 4
+    new_object_threshold: Optional[float] = None  # propagate: detection score that starts a new track
+    anchor_samples: int = 16  # propagate: slices probed to choose where tracking starts
+    min_component_voxels: int = 0  # clean-up: drop 3D components smaller than this
+    fill_holes: bool = False  # clean-up: fill enclosed cavities
+    label_dtype: str = "uint8"
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise InputError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
+        for name in ("score_threshold", "mask_threshold"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise InputError(f"{name} must be in [0, 1), got {value}")
+        if self.new_object_threshold is not None and not 0.0 <= self.new_object_threshold < 1.0:
+            raise InputError(f"new_object_threshold must be in [0, 1), got {self.new_object_threshold}")
+        if self.instances not in ("best", "union"):
+            raise InputError(f"instances must be 'best' or 'union', got {self.instances!r}")
+        if self.slice_axis not in SLICE_AXES:
+            raise InputError(f"slice_axis must be one of k, j, i (IJK index axes), got {self.slice_axis!r}")
+        if self.batch_size < 1:
+            raise InputError("batch_size must be at least 1")
+        if self.label_dtype not in ("uint8", "uint16"):
+            raise InputError("label_dtype must be uint8 or uint16")
+        if self.min_component_voxels < 0:
+            raise InputError("min_component_voxels must be >= 0")
+
+
+@dataclass
+class _Group:
+    """Prompts that share one intensity mapping, hence one vision encoding per slice."""
+
+    spec: IntensitySpec
+    prompt_indices: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _TextEmbedding:
+    input_ids: torch.Tensor  # (1, 32)
+    attention_mask: torch.Tensor  # (1, 32)
+    features: object  # BaseModelOutputWithPooling; .pooler_output (1, 32, D)
+
+    def for_batch(self, batch: int):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return (BaseModelOutputWithPooling(pooler_output=self.features.pooler_output.expand(batch, -1, -1)),
+                self.attention_mask.expand(batch, -1))
+
+
+class _LazyFrames(Mapping):
+    """Slices as model-ready frames, computed on demand (what the video session indexes).
+
+    Replaces the session's dict of preprocessed frames so a long volume is never held at model
+    resolution; keeps only the most recent frame.
+    """
+
+    def __init__(self, view: np.ndarray, spec: IntensitySpec, model: LoadedModel) -> None:
+        self._view, self._spec, self._model = view, spec, model
+        self._cached: tuple[int, torch.Tensor] | None = None
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if self._cached is None or self._cached[0] != index:
+            raw = torch.from_numpy(np.ascontiguousarray(self._view[index:index + 1])).to(self._model.device)
+            frame = to_model_input(raw, self._spec, self._model.image_size, self._model.mean, self._model.std)[0]
+            self._cached = (index, frame)
+        return self._cached[1]
+
+    def __len__(self) -> int:
+        return self._view.shape[0]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(len(self)))
+
+
+class Segmenter:
+    """Segments volumes from text prompts with one loaded model.
+
+    >>> segmenter = Segmenter(load_model("path/or/hub-id"))
+    >>> result = segmenter.segment(read_volume("ct.nii.gz"), ["liver", "spleen"])
+    """
+
+    def __init__(self, model: LoadedModel, dictionary: Optional[PromptDictionary] = None) -> None:
+        self.model = model
+        self.dictionary = dictionary or default_dictionary()
+
+    # -- prompts -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def embed_text(self, texts: Sequence[str]) -> list[_TextEmbedding]:
+        """Text embeddings, one per prompt (SAM3 tokenises to 32 tokens, padded)."""
+        embeddings = []
+        for text in texts:
+            tokens = self.model.tokenizer(text, return_tensors="pt", padding="max_length", max_length=32,
+                                          truncation=True)
+            ids = tokens["input_ids"].to(self.model.device)
+            mask = tokens["attention_mask"].to(self.model.device)
+            with self.model.autocast():
+                features = self.model.detector.get_text_features(input_ids=ids, attention_mask=mask, return_dict=True)
+            embeddings.append(_TextEmbedding(ids, mask, features))
+        return embeddings
+
+    # -- public entry point ----------------------------------------------------------------------
+    def segment(self, volume: Volume, prompts: Sequence[str], options: Optional[SegmentOptions] = None,
+                progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None) -> SegmentationResult:
+        """Segment every prompt through ``volume``; returns a result on exactly the input grid.
+
+        Raises :class:`InputError` for unusable prompts/options and :class:`Cancelled` when
+        ``cancel`` fires (checked before every batch of slices; nothing is returned then).
+        """
+        options = options or SegmentOptions()
+        options.validate()
+        resolved = self.dictionary.resolve_all(list(prompts))
+        warnings = [p.warning for p in resolved if p.warning]
+        for message in warnings:
+            log.warning(message)
+        label_dtype = np.dtype(options.label_dtype)
+        if len(resolved) > label_capacity(label_dtype):
+            raise InputError(f"{len(resolved)} prompts do not fit a {label_dtype} label map "
+                             f"(at most {label_capacity(label_dtype)}); use label_dtype uint16")
+        mode = options.mode
+        if mode == "propagate" and self.model.video is None:
+            mode = "slices"
+            warnings.append("the model has no tracker (image-only SAM3 checkpoint): used 'slices' mode")
+            log.warning(warnings[-1])
+
+        axis = SLICE_AXES[options.slice_axis]
+        view = np.moveaxis(volume.array, axis, 0)  # (s, rows, cols), a view
+        groups = self._intensity_groups(volume, resolved, options)
+        texts = self.embed_text([p.model_text for p in resolved])
+
+        exact = mode == "slices" or len(groups) == 1
+        accumulator = VolumeAccumulator(len(resolved), view.shape, label_dtype, exact=exact)
+        n_slices = view.shape[0]
+        if mode == "slices":
+            tracker = ProgressTracker(n_slices, progress, cancel)
+            self._run_slices(view, groups, texts, options, accumulator, tracker)
+        else:
+            anchors = min(options.anchor_samples, n_slices)
+            tracker = ProgressTracker(len(groups) * (anchors + n_slices + 1), progress, cancel)
+            for group in groups:
+                self._run_propagate(view, group, texts, options, accumulator, tracker)
+
+        return self._finish(volume, resolved, accumulator, axis, mode, options, groups, warnings)
+
+    # -- grouping by intensity mapping -----------------------------------------------------------
+    def _intensity_groups(self, volume: Volume, prompts: list[ResolvedPrompt], options: SegmentOptions) -> list[_Group]:
+        fixed = self.model.preprocessing.get("window")  # a model trained on one window is always fed it
+        declared = volume.modality if options.modality == "auto" else options.modality
+        modality = detect_modality(volume.array, declared)
+        groups: dict[IntensitySpec, _Group] = {}
+        percentile_cache: dict[tuple, IntensitySpec] = {}
+        for index, prompt in enumerate(prompts):
+            window = fixed or options.window
+            prompt_window = prompt.concept.ct_window if prompt.concept else None
+            if (not window or window == "auto") and modality != "CT":
+                key = tuple(options.percentiles)
+                if key not in percentile_cache:
+                    percentile_cache[key] = spec_for(modality, volume.array, None, None, options.percentiles)
+                spec = percentile_cache[key]
+            else:
+                spec = spec_for(modality, volume.array, window, prompt_window, options.percentiles)
+            groups.setdefault(spec, _Group(spec)).prompt_indices.append(index)
+        return list(groups.values())
+
+    # -- slices mode -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _run_slices(self, view: np.ndarray, groups: list[_Group], texts: list[_TextEmbedding],
+                    options: SegmentOptions, accumulator: VolumeAccumulator, tracker: ProgressTracker) -> None:
+        n_prompts = len(texts)
+        n_slices, rows, cols = view.shape
+        all_prompts = list(range(n_prompts))
+        for start in range(0, n_slices, options.batch_size):
+            tracker.check()
+            stop = min(n_slices, start + options.batch_size)
+            raw = torch.from_numpy(np.ascontiguousarray(view[start:stop])).to(self.model.device)
+            confidences = np.zeros((n_prompts, stop - start, rows, cols), dtype=np.float32)
+            scores = np.zeros((n_prompts, stop - start), dtype=np.float32)
+            for group in groups:
+                for k, conf, score in self._detect_batch(raw, group, texts, options):
+                    confidences[k], scores[k] = conf, score
+            accumulator.add(start, all_prompts, confidences, scores)
+            tracker.advance(stop - start, "segmenting slices")
+
+    def _detect_batch(self, raw: torch.Tensor, group: _Group, texts: list[_TextEmbedding],
+                      options: SegmentOptions) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Encode a batch of raw slices once, then run the detector for each prompt of ``group``.
+
+        Yields ``(prompt_index, confidence (b, rows, cols), score (b,))``.
+        """
+        model = self.model
+        pixel_values = to_model_input(raw, group.spec, model.image_size, model.mean, model.std)
+        with model.autocast():
+            vision = model.detector.get_vision_features(pixel_values=pixel_values)
+        for k in group.prompt_indices:
+            text_features, attention_mask = texts[k].for_batch(raw.shape[0])
+            with model.autocast():
+                outputs = model.detector(vision_embeds=vision, text_embeds=text_features, attention_mask=attention_mask)
+            conf, score = instance_confidence(outputs, tuple(raw.shape[-2:]), options.score_threshold,
+                                              options.mask_threshold, options.instances)
+            yield k, conf.cpu().numpy(), score.cpu().numpy()
+
+    # -- propagate mode --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _find_anchor(self, view: np.ndarray, group: _Group, texts: list[_TextEmbedding], options: SegmentOptions,
+                     tracker: ProgressTracker) -> int:
+        """The probed slice with the highest summed detection score over the group's prompts."""
+        n_slices = view.shape[0]
+        probes = np.unique(np.linspace(0, n_slices - 1, min(options.anchor_samples, n_slices)).round().astype(int))
+        totals = np.zeros(len(probes))
+        for start in range(0, len(probes), options.batch_size):
+            tracker.check()
+            batch = probes[start:start + options.batch_size]
+            raw = torch.from_numpy(np.ascontiguousarray(view[batch])).to(self.model.device)
+            for _, _, score in self._detect_batch(raw, group, texts, options):
+                totals[start:start + len(batch)] += score
+            tracker.advance(len(batch), "finding start slice")
+        # probes beyond the unique count were merged; keep the progress total honest
+        tracker.advance(min(options.anchor_samples, n_slices) - len(probes), "finding start slice")
+        return int(probes[int(np.argmax(totals))])
+
+    def _run_propagate(self, view: np.ndarray, group: _Group, texts: list[_TextEmbedding], options: SegmentOptions,
+                       accumulator: VolumeAccumulator, tracker: ProgressTracker) -> None:
+        video = self.model.video
+        anchor = self._find_anchor(view, group, texts, options, tracker)
+        log.info("propagating prompts %s from slice %d", group.prompt_indices, anchor)
+        saved = {name: getattr(video, name) for name in ("score_threshold_detection", "new_det_thresh")}
+        video.score_threshold_detection = options.score_threshold
+        if options.new_object_threshold is not None:
+            video.new_det_thresh = options.new_object_threshold
+        try:
+            n_slices = view.shape[0]
+            for reverse in (False, True):
+                order = range(anchor, -1, -1) if reverse else range(anchor, n_slices)
+                self._sweep(view, group, texts, options, accumulator, tracker, order, reverse,
+                            skip_frame=anchor if reverse else None)
+        finally:
+            for name, value in saved.items():
+                setattr(video, name, value)
+
+    @torch.inference_mode()
+    def _sweep(self, view, group, texts, options, accumulator, tracker, order, reverse, skip_frame) -> None:
+        from transformers.models.sam3_video.modeling_sam3_video import Sam3VideoInferenceSession
+
+        model, video = self.model, self.model.video
+        rows, cols = view.shape[1:]
+        session = Sam3VideoInferenceSession(
+            video=None, video_height=rows, video_width=cols, inference_device=model.device,
+            inference_state_device=model.device, video_storage_device=model.device, dtype=torch.float32)
+        session.processed_frames = _LazyFrames(view, group.spec, model)
+        prompt_of_id = {}
+        for k in group.prompt_indices:
+            prompt_id = session.add_prompt(f"{k}:{texts[k].input_ids.sum().item()}")
+            session.prompt_input_ids[prompt_id] = texts[k].input_ids
+            session.prompt_attention_masks[prompt_id] = texts[k].attention_mask
+            session.prompt_embeddings[prompt_id] = texts[k].features
+            prompt_of_id[prompt_id] = k
+        window = max(video.tracker_model.config.num_maskmem, video.tracker_model.config.max_object_pointers_in_encoder) + 1
+        buffer: deque = deque()
+
+        def emit(output) -> None:
+            if output.frame_idx == skip_frame:
+                return
+            self._accumulate_frame(output, session, prompt_of_id, group, options, accumulator, (rows, cols))
+
+        for frame_idx in order:
+            tracker.check()
+            with model.autocast():
+                output = video(inference_session=session, frame_idx=frame_idx, reverse=reverse)
+            session.hotstart_removed_obj_ids.update(output.removed_obj_ids)
+            buffer.append(output)
+            if len(buffer) > video.hotstart_delay:  # hotstart: outputs are final only after this delay
+                emit(buffer.popleft())
+            _prune_memory(session, frame_idx, window, video.tracker_model.config.max_cond_frame_num)
+            tracker.advance(1, "propagating")
+        while buffer:
+            emit(buffer.popleft())
+
+    def _accumulate_frame(self, output, session, prompt_of_id: dict, group: _Group, options: SegmentOptions,
+                          accumulator: VolumeAccumulator, size: tuple[int, int]) -> None:
+        hidden = set(output.suppressed_obj_ids or ()) | set(session.hotstart_removed_obj_ids)
+        n = len(group.prompt_indices)
+        position = {k: j for j, k in enumerate(group.prompt_indices)}
+        conf = torch.zeros((n, *size))
+        scores = np.zeros((n, 1), dtype=np.float32)
+        best_score = np.zeros(n)
+        for obj_id, low_res in output.obj_id_to_mask.items():
+            if obj_id in hidden or obj_id not in session.obj_id_to_prompt_id:
+                continue
+            j = position[prompt_of_id[session.obj_id_to_prompt_id[obj_id]]]
+            score = float(output.obj_id_to_score.get(obj_id, 0.0))
+            if score <= options.score_threshold:
+                continue
+            logits = F.interpolate(low_res[None].float(), size=size, mode="bilinear", align_corners=False)[0, 0].cpu()
+            claimed = torch.sigmoid(logits) > options.mask_threshold
+            if not claimed.any():
+                continue
+            obj_conf = torch.where(claimed, score * torch.sigmoid(logits), torch.zeros(()))
+            if options.instances == "best":
+                if score > best_score[j]:
+                    conf[j], best_score[j] = obj_conf, score
+            else:
+                conf[j] = torch.maximum(conf[j], obj_conf)
+                best_score[j] = max(best_score[j], score)
+        scores[:, 0] = best_score
+        accumulator.add(output.frame_idx, group.prompt_indices, conf.numpy()[:, None], scores)
+
+    # -- result ----------------------------------------------------------------------------------
+    def _finish(self, volume: Volume, prompts: list[ResolvedPrompt], accumulator: VolumeAccumulator, axis: int,
+                mode: str, options: SegmentOptions, groups: list[_Group], warnings: list[str]) -> SegmentationResult:
+        label_map = np.ascontiguousarray(np.moveaxis(accumulator.label_map, 0, axis))
+        if axis == 0:
+            packed = accumulator.packed
+        else:
+            cols = accumulator.shape[2]
+            packed = [pack_mask(np.moveaxis(np.unpackbits(p, axis=-1, count=cols).astype(bool), 0, axis))
+                      for p in accumulator.packed]
+        if options.min_component_voxels > 0 or options.fill_holes:
+            masks = [np.unpackbits(p, axis=-1, count=label_map.shape[2]).astype(bool) for p in packed]
+            label_map, masks = clean_up(label_map, masks, options.min_component_voxels, options.fill_holes)
+            packed = [pack_mask(m) for m in masks]
+        counts = np.bincount(label_map.ravel(), minlength=len(prompts) + 1)
+        labels = []
+        for k, prompt in enumerate(prompts):
+            found = int(accumulator.slices_found[k])
+            concept = prompt.concept
+            terminology = None
+            if concept is not None:
+                terminology = {"category": concept.category.to_dict(), "type": concept.type.to_dict(),
+                               "region": concept.region.to_dict() if concept.region else None}
+            labels.append(LabelInfo(
+                value=k + 1, name=prompt.name, prompt=prompt.user_text, model_text=prompt.model_text,
+                color=prompt.color, known_concept=prompt.known,
+                confidence=round(float(accumulator.score_sum[k] / found), 6) if found else 0.0,
+                max_score=round(float(accumulator.max_score[k]), 6), voxel_count=int(counts[k + 1]),
+                volume_ml=round(float(counts[k + 1]) * volume.voxel_volume_ml, 6), slices_found=found,
+                terminology=terminology))
+        parameters = asdict(options)
+        parameters["percentiles"] = list(options.percentiles)
+        parameters["intensity"] = {prompts[k].name: g.spec.to_dict() for g in groups for k in g.prompt_indices}
+        parameters["device"] = str(self.model.device)
+        return SegmentationResult(label_map=label_map, geometry=volume.geometry, labels=labels, packed_masks=packed,
+                                  mode=mode, model_id=self.model.model_id, slice_axis=options.slice_axis,
+                                  warnings=warnings, parameters=parameters)
+
+
+def instance_confidence(outputs, size: tuple[int, int], score_threshold: float, mask_threshold: float,
+                        instances: str = "best") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel confidence of one prompt from ``Sam3Model`` outputs for a batch of slices.
+
+    Same arithmetic as transformers' ``post_process_instance_segmentation``: score =
+    sigmoid(logit) x sigmoid(presence); mask probabilities are upsampled (bilinear) to ``size``
+    and thresholded. Returns ``confidence (b, *size)`` (score x mask probability where the pixel
+    is claimed, else 0) and the slice score ``(b,)`` (0 where nothing passed the threshold).
+    """
+    scores = outputs.pred_logits.float().sigmoid()
+    if outputs.presence_logits is not None:
+        scores = scores * outputs.presence_logits.float().sigmoid()
+    masks = outputs.pred_masks.float()
+    batch = scores.shape[0]
+    confidence = torch.zeros((batch, *size), device=scores.device)
+    slice_scores = torch.zeros(batch, device=scores.device)
+    for b in range(batch):
+        keep = torch.nonzero(scores[b] > score_threshold).flatten()
+        if keep.numel() == 0:
+            continue
+        if instances == "best":
+            keep = keep[scores[b, keep].argmax()].reshape(1)
+        probs = F.interpolate(masks[b, keep][None].sigmoid(), size=size, mode="bilinear", align_corners=False)[0]
+        claimed = probs > mask_threshold
+        weighted = torch.where(claimed, scores[b, keep][:, None, None] * probs, torch.zeros((), device=probs.device))
+        confidence[b] = weighted.max(dim=0).values
+        if claimed.any():
+            slice_scores[b] = scores[b, keep].max()
+    return confidence, slice_scores
+
+
+def _prune_memory(session, frame_idx: int, window: int, max_cond_frames: int) -> None:
+    """Drop tracker memory that can no longer be attended to, so memory does not grow with depth.
+
+    SAM3's tracker reads the last ``num_maskmem`` frames and ``max_object_pointers_in_encoder``
+    object pointers, plus the ``max_cond_frame_num`` closest conditioning frames.
+    """
+    for per_object in session.output_dict_per_obj.values():
+        non_cond = per_object["non_cond_frame_outputs"]
+        for old in [f for f in non_cond if abs(f - frame_idx) > window]:
+            del non_cond[old]
+        cond = per_object["cond_frame_outputs"]
+        if len(cond) > max_cond_frames:
+            by_distance = sorted(cond, key=lambda f: abs(f - frame_idx))
+            for old in by_distance[max_cond_frames:]:
+                if abs(old - frame_idx) > window:
+                    del cond[old]

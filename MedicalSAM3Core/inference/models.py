@@ -1,0 +1,169 @@
+"""Load a SAM3 / Medical SAM3 model (transformers format) and pick device and precision.
+
+A model is a folder with ``config.json`` + safetensors + tokenizer files (what
+``save_pretrained`` writes), or a Hugging Face hub id (downloaded through ``huggingface_hub``,
+honouring ``HF_TOKEN`` and ``HF_HUB_OFFLINE``). A ``sam3_video`` model gives both inference
+modes; a plain ``sam3`` (image) model gives ``slices`` mode only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..common.errors import ModelLoadError
+from ..preprocessing.intensity import SAM3_MEAN, SAM3_STD
+from .cv_ops import install_offline_cv_ops
+
+log = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
+@dataclass
+class LoadedModel:
+    """Everything the engine needs from a model, on its device.
+
+    ``video`` is the detector-tracker (``Sam3VideoModel``) when the checkpoint has a tracker;
+    ``detector`` is always the image model (``Sam3Model``), shared with ``video`` when present.
+    """
+
+    detector: "torch.nn.Module"
+    video: Optional["torch.nn.Module"]
+    tokenizer: object
+    model_id: str
+    image_size: int
+    device: torch.device
+    autocast_dtype: Optional[torch.dtype]
+    mean: tuple[float, float, float] = SAM3_MEAN
+    std: tuple[float, float, float] = SAM3_STD
+    preprocessing: dict = field(default_factory=dict)
+
+    def autocast(self):
+        """Autocast context for inference (bf16 on CUDA; a no-op elsewhere)."""
+        if self.autocast_dtype is None:
+            return torch.autocast(device_type=self.device.type, enabled=False)
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+def choose_device(device: str = "auto") -> torch.device:
+    """``auto`` -> CUDA if available, else Apple MPS, else CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError as error:
+        raise ModelLoadError(f"unknown device {device!r}: {error}") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' requested but no CUDA GPU is available to torch")
+    return chosen
+
+
+def choose_autocast(device: torch.device, dtype: str = "auto") -> Optional[torch.dtype]:
+    """``auto`` -> bf16 autocast on CUDA, full fp32 elsewhere. ``float32`` disables autocast."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    mapping = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in mapping:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return mapping[dtype]
+
+
+def resolve_model_dir(source: str) -> Path:
+    """A local model folder for ``source`` (a folder or a hub id), downloading if needed."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path}: folder has no config.json; it is not a transformers-format model")
+        return path
+    if path.is_file():
+        if path.suffix.lower() in _WEIGHT_SUFFIXES:
+            raise ModelLoadError(
+                f"{path}: a bare checkpoint file; give the folder that holds it with its config.json "
+                "(converting original SAM3 / Medical SAM3 .pt checkpoints is not supported yet)")
+        raise ModelLoadError(f"{path}: not a model folder")
+    if not _HUB_ID.match(source) or source.startswith((".", "/", "~")):
+        raise ModelLoadError(f"{source}: no such model folder (and not a hub id of the form 'org/name')")
+    return _download(source)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError)
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    except GatedRepoError:
+        raise ModelLoadError(
+            f"{repo_id} is gated: request access on its Hugging Face page, then log in with "
+            "`hf auth login` or set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"{repo_id}: no such model on the Hugging Face hub (or it is private: set HF_TOKEN)") from None
+    except LocalEntryNotFoundError:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
+        raise ModelLoadError(f"{repo_id} is not in the local Hugging Face cache and {why}; "
+                             "download it once with network access or give a local folder") from None
+    except Exception as error:  # network errors of many kinds
+        raise ModelLoadError(f"{repo_id}: download failed: {error}") from None
+
+
+def load_model(source: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load a model folder or hub id onto ``device`` for inference."""
+    from transformers import AutoTokenizer, Sam3Model, Sam3VideoModel
+
+    model_dir = resolve_model_dir(source)
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"{model_dir}/config.json is unreadable: {error}") from None
+    model_type = config.get("model_type")
+    torch_device = choose_device(device)
+    try:
+        if model_type == "sam3_video":
+            video = Sam3VideoModel.from_pretrained(model_dir).eval()
+            detector = video.detector_model
+        elif model_type == "sam3":
+            video = None
+            detector = Sam3Model.from_pretrained(model_dir).eval()
+        else:
+            raise ModelLoadError(f"{model_dir}: model_type {model_type!r} is not SAM3 (need 'sam3' or 'sam3_video')")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except ModelLoadError:
+        raise
+    except Exception as error:
+        raise ModelLoadError(f"{model_dir}: cannot load the model: {error}") from None
+    install_offline_cv_ops()
+    module = video if video is not None else detector
+    module.to(torch_device)
+    preprocessing = _read_json(model_dir / "medsam3_preprocessing.json")
+    processor = _read_json(model_dir / "preprocessor_config.json").get("image_processor", {}) or \
+        _read_json(model_dir / "preprocessor_config.json")
+    mean = tuple(processor.get("image_mean", SAM3_MEAN))
+    std = tuple(processor.get("image_std", SAM3_STD))
+    return LoadedModel(detector=detector, video=video, tokenizer=tokenizer, model_id=str(source),
+                       image_size=int(detector.config.image_size), device=torch_device,
+                       autocast_dtype=choose_autocast(torch_device, dtype), mean=mean, std=std,
+                       preprocessing=preprocessing)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"{path}: invalid JSON: {error}") from None

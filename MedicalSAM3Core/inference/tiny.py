@@ -1,0 +1,87 @@
+"""A tiny, random-weight SAM3 detector-tracker for tests and offline smoke runs.
+
+Same architecture and code path as the real model (transformers' ``Sam3VideoModel``), about
+6M parameters at 56 px, built from configs with no download. Its tokenizer is a byte-level CLIP
+BPE tokenizer with no merges, built offline. Its segmentations are meaningless: it exists to
+exercise the pipeline, never to judge accuracy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def _byte_level_vocab() -> dict[str, int]:
+    # GPT-2/CLIP byte-to-unicode table: every byte is a printable character.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = printable[:], 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    symbols = [chr(c) for c in chars]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for symbol in symbols + [s + "</w>" for s in symbols]:
+        vocab.setdefault(symbol, len(vocab))
+    return vocab
+
+
+def build_offline_tokenizer():
+    """A CLIP tokenizer over single bytes (no merges): valid for any text, no download."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(vocab=_byte_level_vocab(), merges=[])
+
+
+def tiny_video_config(image_size: int = 56, patch_size: int = 14):
+    """Config of a small ``Sam3VideoModel`` (ViT 64-d x 2, FPN/DETR/tracker 128-d)."""
+    from transformers import (Sam3Config, Sam3TrackerVideoConfig, Sam3VideoConfig, Sam3VisionConfig,
+                              Sam3ViTConfig)
+
+    grid = image_size // patch_size
+    hidden = 128  # tracker object pointers need hidden > memory channels (64, fixed in transformers)
+    backbone = Sam3ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                             image_size=image_size, patch_size=patch_size, window_size=2, global_attn_indexes=[1],
+                             pretrain_image_size=image_size)
+    vision = Sam3VisionConfig(backbone_config=backbone, fpn_hidden_size=hidden, scale_factors=[4.0, 2.0, 1.0, 0.5],
+                              backbone_feature_sizes=[[4 * grid] * 2, [2 * grid] * 2, [grid] * 2])
+    small = dict(hidden_size=hidden, num_attention_heads=2, intermediate_size=128)
+    detector = Sam3Config(
+        vision_config=vision,
+        text_config=dict(vocab_size=len(_byte_level_vocab()), hidden_size=64, intermediate_size=128,
+                         projection_dim=64, num_hidden_layers=1, num_attention_heads=2,
+                         max_position_embeddings=32, hidden_act="gelu",
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        geometry_encoder_config=dict(num_layers=1, **small),
+        detr_encoder_config=dict(num_layers=1, **small),
+        detr_decoder_config=dict(num_layers=2, num_queries=8, **small),
+        mask_decoder_config=dict(hidden_size=hidden, num_upsampling_stages=3, num_attention_heads=2),
+    )
+    tracker = Sam3TrackerVideoConfig(
+        vision_config=vision.to_dict(), prompt_encoder_config=dict(hidden_size=hidden, image_size=image_size),
+        mask_decoder_config=dict(hidden_size=hidden, mlp_dim=128, num_attention_heads=2, iou_head_hidden_dim=hidden),
+        memory_attention_hidden_size=hidden, memory_attention_num_layers=1,
+        memory_attention_feed_forward_hidden_size=128, memory_encoder_hidden_size=hidden,
+        memory_encoder_output_channels=64, mask_downsampler_embed_dim=hidden, memory_fuser_embed_dim=hidden,
+        memory_fuser_intermediate_dim=128, image_size=image_size)
+    return Sam3VideoConfig(detector_config=detector.to_dict(), tracker_config=tracker.to_dict(),
+                           low_res_mask_size=4 * grid)
+
+
+def build_tiny_model(out_dir: str | Path, seed: int = 0, image_size: int = 56) -> Path:
+    """Write a random-weight tiny ``Sam3VideoModel`` + offline tokenizer to ``out_dir``."""
+    from transformers import Sam3VideoModel
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    model = Sam3VideoModel(tiny_video_config(image_size=image_size)).eval()
+    model.save_pretrained(out_dir)
+    build_offline_tokenizer().save_pretrained(out_dir)
+    (out_dir / "README.md").write_text(
+        "# Tiny random-weight SAM3 (test model)\n\nBuilt by `MedicalSAM3Core.inference.tiny.build_tiny_model` "
+        f"(seed {seed}). Random weights: its masks are meaningless. For tests and smoke runs only.\n")
+    return out_dir

@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny random-weight SAM3 built offline, phantoms, and the fetched sample scans."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the hub
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from MedicalSAM3Core.inference.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from MedicalSAM3Core.inference.models import load_model
+
+    return load_model(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def segmenter(tiny_model):
+    from MedicalSAM3Core.inference.engine import Segmenter
+
+    return Segmenter(tiny_model)
+
+
+def make_phantom(shape=(10, 40, 48), seed=0) -> np.ndarray:
+    """A CT-like ``(z, y, x)`` int16 phantom in HU: air, a body ellipse, and two organs."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    array = np.full(shape, -1000.0)
+    array[(y / 0.8) ** 2 + (x / 0.9) ** 2 < 1] = 20.0
+    array[((y + 0.2) / 0.35) ** 2 + ((x + 0.35) / 0.3) ** 2 + (z / 0.9) ** 2 < 1] = 60.0
+    array[((y - 0.2) / 0.2) ** 2 + ((x - 0.4) / 0.2) ** 2 < 1] = 200.0
+    return (array + rng.normal(0, 10, shape)).astype(np.int16)
+
+
+@pytest.fixture
+def phantom() -> np.ndarray:
+    return make_phantom()
+
+
+@pytest.fixture(scope="session")
+def sample_data() -> Path:
+    """The TotalSegmentator sample scans, fetched and sha256-verified once per machine."""
+    subprocess.run([sys.executable, str(REPO / "Resources" / "fetch_sample_data.py")], check=True,
+                   stdout=subprocess.DEVNULL)
+    out = subprocess.run([sys.executable, str(REPO / "Resources" / "fetch_sample_data.py"), "--print-dir"],
+                         check=True, capture_output=True, text=True)
+    return Path(out.stdout.strip())

@@ -1,0 +1,129 @@
+"""The command line as a user runs it: outputs on the input grid, clear errors, nothing partial."""
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from MedicalSAM3Core import cli
+from MedicalSAM3Core.common.volume import Geometry
+from MedicalSAM3Core.imaging.io import read_volume, write_volume
+from MedicalSAM3Core.inference import engine
+
+LOW = ["--threshold", "0.2", "--new-object-threshold", "0.22"]
+OBLIQUE = Geometry((0.7, 0.8, 2.5), (10.0, -20.0, 30.0),
+                   (0.936, -0.275, 0.218, 0.289, 0.956, -0.043, -0.196, 0.104, 0.975))
+
+
+@pytest.fixture
+def ct_file(tmp_path, phantom):
+    path = tmp_path / "ct.nii.gz"
+    write_volume(phantom, OBLIQUE, path)
+    return path
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_segment_writes_label_map_sidecar_seg_nrrd_and_overlay_on_the_input_grid(tmp_path, ct_file, tiny_model_dir,
+                                                                                  capsys):
+    out = tmp_path / "out" / "liver_spleen.nii.gz"
+    code = cli.main(["segment", str(ct_file), "--prompt", "liver", "-p", "spleen, IVC", "--model", str(tiny_model_dir),
+                     "-o", str(out), "--seg-nrrd", "--overlay", "--quiet", *LOW])
+    assert code == 0
+    assert _files(out.parent) == ["liver_spleen.json", "liver_spleen.nii.gz", "liver_spleen.seg.nrrd",
+                                  "liver_spleen_overlay.png"]
+    labels = read_volume(out)
+    source = read_volume(ct_file)
+    assert labels.shape == source.shape and labels.array.dtype == np.uint8
+    np.testing.assert_allclose(labels.geometry.ijk_to_lps(), source.geometry.ijk_to_lps(), atol=1e-4)
+    sidecar = json.loads((out.parent / "liver_spleen.json").read_text())
+    assert [label["name"] for label in sidecar["labels"]] == ["Liver", "Spleen", "Inferior vena cava"]
+    for label in sidecar["labels"]:
+        assert label["voxel_count"] == int((labels.array == label["value"]).sum())
+        assert set(label) >= {"value", "name", "prompt", "confidence", "voxel_count", "volume_ml", "color"}
+    seg = sitk.ReadImage(str(out.parent / "liver_spleen.seg.nrrd"))
+    assert seg.GetMetaData("Segment0_Name") == "Liver" and seg.GetMetaData("Segment2_LabelValue") == "3"
+    assert "SCT^10200004^Liver" in seg.GetMetaData("Segment0_Tags")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(seg), labels.array)
+    assert "Liver" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["segment", "{missing}", "-p", "liver"], "no such file"),
+    (["segment", "{notimage}", "-p", "liver"], "cannot be read as a medical image"),
+    (["segment", "{image2d}", "-p", "liver"], "2D image"),
+    (["segment", "{image4d}", "-p", "liver"], "4D image"),
+    (["segment", "{nan}", "-p", "liver"], "NaN"),
+    (["segment", "{ct}", "-p", "  "], "empty prompt"),
+    (["segment", "{ct}", "-p", "liver", "-p", "Liver"], "same structure"),
+    (["segment", "{ct}", "-p", "liver", "--model", "{missing}"], "no such model folder"),
+    (["segment", "{ct}", "-p", ",".join(f"s{i}" for i in range(256))], "do not fit a uint8"),
+])
+def test_bad_input_exits_2_with_a_message_and_writes_nothing(tmp_path, ct_file, tiny_model_dir, capsys, args, message):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "notes.nii.gz").write_text("not an image")
+    sitk.WriteImage(sitk.Image(8, 9, sitk.sitkInt16), str(bad / "slice.nrrd"))
+    sitk.WriteImage(sitk.Image([4, 5, 6, 2], sitk.sitkInt16), str(bad / "t.nii.gz"))
+    nan = np.zeros((3, 8, 8), np.float32)
+    nan[1, 1, 1] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(nan), str(bad / "nan.mha"))
+    names = {"missing": bad / "missing.nii.gz", "notimage": bad / "notes.nii.gz", "image2d": bad / "slice.nrrd",
+             "image4d": bad / "t.nii.gz", "nan": bad / "nan.mha", "ct": ct_file}
+    argv = [a.format(**names) for a in args]
+    if "--model" not in argv:
+        argv += ["--model", str(tiny_model_dir)]
+    out = tmp_path / "result" / "seg.nii.gz"
+    assert cli.main(argv + ["-o", str(out), "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.parent.exists() or _files(out.parent) == []
+
+
+def test_existing_outputs_are_never_overwritten_silently(tmp_path, ct_file, tiny_model_dir, capsys):
+    out = tmp_path / "seg.nii.gz"
+    out.write_bytes(b"precious")
+    argv = ["segment", str(ct_file), "-p", "liver", "--model", str(tiny_model_dir), "-o", str(out), "--quiet",
+            "--mode", "slices"]
+    assert cli.main(argv) == 2
+    assert "already exist" in capsys.readouterr().err and out.read_bytes() == b"precious"
+    assert cli.main(argv + ["--overwrite"]) == 0 and out.read_bytes() != b"precious"
+
+
+def test_ctrl_c_during_segmentation_leaves_no_file(tmp_path, ct_file, tiny_model_dir, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.Segmenter, "segment", interrupted)
+    out = tmp_path / "out" / "seg.nii.gz"
+    code = cli.main(["segment", str(ct_file), "-p", "liver", "--model", str(tiny_model_dir), "-o", str(out),
+                     "--seg-nrrd", "--quiet"])
+    assert code == 130 and "cancelled" in capsys.readouterr().err
+    assert not out.parent.exists() or _files(out.parent) == []
+
+
+def test_failure_while_writing_outputs_leaves_no_partial_set(tmp_path, ct_file, tiny_model_dir, monkeypatch):
+    from MedicalSAM3Core.imaging import outputs
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(outputs, "seg_nrrd_image", broken)
+    out = tmp_path / "out" / "seg.nii.gz"
+    with pytest.raises(OSError):
+        cli.main(["segment", str(ct_file), "-p", "liver", "--model", str(tiny_model_dir), "-o", str(out),
+                  "--seg-nrrd", "--quiet", "--mode", "slices"])
+    assert _files(out.parent) == []
+
+
+def test_console_script_is_installed_and_prints_help():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "medsam3"
+    assert exe.is_file(), "the medsam3 entry point is not installed next to this Python"
+    out = subprocess.run([str(exe), "segment", "--help"], capture_output=True, text=True, check=True)
+    assert "--prompt" in out.stdout and "--seg-nrrd" in out.stdout

@@ -1,0 +1,178 @@
+"""The engine is the transformers model (parity), encodes each slice once, keeps geometry."""
+
+import numpy as np
+import pytest
+import torch
+
+from MedicalSAM3Core.common.errors import Cancelled, InputError, ModelLoadError
+from MedicalSAM3Core.common.progress import CancelToken
+from MedicalSAM3Core.common.volume import Geometry, Volume
+from MedicalSAM3Core.inference.engine import SegmentOptions
+from MedicalSAM3Core.inference.models import load_model
+
+# Random weights score about 0.25: thresholds low enough that the tiny model finds something.
+LOW = dict(score_threshold=0.2, new_object_threshold=0.22)
+OBLIQUE = Geometry((0.7, 0.8, 2.5), (10.0, -20.0, 30.0),
+                   (0.936, -0.275, 0.218, 0.289, 0.956, -0.043, -0.196, 0.104, 0.975))
+
+
+def _transformers_reference(model, raw_slice, text, score_threshold, mask_threshold):
+    """The plain transformers path on one slice: Sam3Processor-equivalent preprocessing,
+    Sam3Model.forward and post_process_instance_segmentation."""
+    from transformers import Sam3ImageProcessor
+
+    low, high = -150.0, 250.0  # the abdomen window the engine chooses for 'liver' on CT
+    unit = np.clip((raw_slice.astype(np.float32) - low) / (high - low), 0, 1)
+    size = model.image_size
+    processor = Sam3ImageProcessor(size={"height": size, "width": size}, do_rescale=False)
+    pixel_values = processor(images=[torch.from_numpy(np.repeat(unit[None], 3, axis=0))],
+                             return_tensors="pt")["pixel_values"]
+    tokens = model.tokenizer(text, return_tensors="pt", padding="max_length", max_length=32)
+    with torch.inference_mode():
+        outputs = model.detector(pixel_values=pixel_values, input_ids=tokens["input_ids"],
+                                 attention_mask=tokens["attention_mask"])
+    return processor.post_process_instance_segmentation(outputs, threshold=score_threshold,
+                                                        mask_threshold=mask_threshold,
+                                                        target_sizes=[raw_slice.shape])[0]
+
+
+@pytest.mark.parametrize("instances", ["best", "union"])
+def test_slices_mode_equals_the_plain_transformers_path_slice_by_slice(segmenter, tiny_model, phantom, instances):
+    volume = Volume(phantom, OBLIQUE, modality="CT")
+    options = SegmentOptions(mode="slices", batch_size=1, instances=instances, **LOW)
+    result = segmenter.segment(volume, ["liver"], options)
+    mask = result.mask(0)
+    references = [_transformers_reference(tiny_model, phantom[z], "Liver", 0.2, 0.5) for z in range(len(phantom))]
+    for z, reference in enumerate(references):
+        if len(reference["scores"]) == 0:
+            assert not mask[z].any()
+            continue
+        if instances == "best":
+            expected = reference["masks"][reference["scores"].argmax()].bool().numpy()
+        else:
+            expected = reference["masks"].bool().any(0).numpy()
+        np.testing.assert_array_equal(mask[z], expected, err_msg=f"slice {z}")
+    best_scores = [float(r["scores"].max()) for r in references if len(r["scores"])]
+    assert best_scores, "the reference found nothing: the test would prove nothing"
+    assert result.labels[0].max_score == pytest.approx(max(best_scores), abs=1e-5)
+
+
+def test_batching_does_not_change_the_answer(segmenter, phantom):
+    volume = Volume(phantom, modality="CT")
+    one = segmenter.segment(volume, ["liver", "spleen"], SegmentOptions(mode="slices", batch_size=1, **LOW))
+    four = segmenter.segment(volume, ["liver", "spleen"], SegmentOptions(mode="slices", batch_size=4, **LOW))
+    assert (one.label_map != four.label_map).mean() < 1e-3
+
+
+def test_several_prompts_equal_each_prompt_alone(segmenter, phantom):
+    volume = Volume(phantom, modality="CT")
+    options = SegmentOptions(mode="slices", batch_size=1, **LOW)
+    together = segmenter.segment(volume, ["liver", "spleen", "aorta"], options)
+    for k, prompt in enumerate(["liver", "spleen", "aorta"]):
+        alone = segmenter.segment(volume, [prompt], options)
+        np.testing.assert_array_equal(together.mask(k), alone.mask(0))
+        assert together.labels[k].max_score == alone.labels[0].max_score
+    # merged map: every labelled voxel belongs to a prompt that claims it
+    for k in range(3):
+        assert together.mask(k)[together.label_map == k + 1].all()
+    assert (together.label_map > 0).sum() == np.logical_or.reduce([together.mask(k) for k in range(3)]).sum()
+
+
+def test_vision_encoder_runs_once_per_slice_for_all_prompts(segmenter, phantom):
+    calls = []
+    encoder = segmenter.model.detector.vision_encoder
+    handle = encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        segmenter.segment(Volume(phantom, modality="CT"), ["liver", "spleen", "aorta", "pancreas"],
+                          SegmentOptions(mode="slices", batch_size=4, **LOW))
+    finally:
+        handle.remove()
+    assert sum(calls) == phantom.shape[0]
+
+
+@pytest.mark.parametrize("mode", ["slices", "propagate"])
+def test_result_is_on_the_input_grid(segmenter, phantom, mode):
+    volume = Volume(phantom, OBLIQUE, modality="CT")
+    result = segmenter.segment(volume, ["liver", "spleen"], SegmentOptions(mode=mode, **LOW))
+    assert result.label_map.shape == phantom.shape and result.geometry == OBLIQUE
+    assert result.mode == mode
+    assert result.labels[0].voxel_count == int((result.label_map == 1).sum())
+    assert result.labels[0].volume_ml == pytest.approx(result.labels[0].voxel_count * 0.7 * 0.8 * 2.5 / 1000, rel=1e-5)
+
+
+def test_propagate_mode_finds_structures_and_tracks_them(segmenter, phantom):
+    result = segmenter.segment(Volume(phantom, modality="CT"), ["liver"], SegmentOptions(mode="propagate", **LOW))
+    assert result.labels[0].slices_found > 0 and (result.label_map == 1).any()
+
+
+def test_slice_axis_j_keeps_voxel_correspondence(segmenter, phantom):
+    volume = Volume(phantom, modality="CT")
+    along_j = segmenter.segment(volume, ["liver"], SegmentOptions(mode="slices", slice_axis="j", batch_size=1, **LOW))
+    assert along_j.label_map.shape == phantom.shape
+    # slicing the transposed volume along k must give the same masks, transposed back
+    transposed = Volume(np.ascontiguousarray(np.moveaxis(phantom, 1, 0)), modality="CT")
+    along_k = segmenter.segment(transposed, ["liver"], SegmentOptions(mode="slices", batch_size=1, **LOW))
+    np.testing.assert_array_equal(along_j.mask(0), np.moveaxis(along_k.mask(0), 0, 1))
+
+
+def test_progress_is_reported_and_cancel_stops_within_a_batch(segmenter, phantom):
+    events = []
+    segmenter.segment(Volume(phantom, modality="CT"), ["liver"], SegmentOptions(mode="slices", batch_size=2, **LOW),
+                      progress=events.append)
+    assert [e.done for e in events] == [2, 4, 6, 8, 10] and events[-1].total == 10
+
+    token, seen = CancelToken(), []
+
+    def cancel_after_first(event):
+        seen.append(event.done)
+        token.cancel()
+
+    with pytest.raises(Cancelled):
+        segmenter.segment(Volume(phantom, modality="CT"), ["liver"], SegmentOptions(mode="propagate", batch_size=2),
+                          progress=cancel_after_first, cancel=token)
+    assert seen == [2]
+
+
+def test_more_prompts_than_the_label_type_holds_is_refused(segmenter, phantom):
+    prompts = [f"structure {i}" for i in range(256)]
+    with pytest.raises(InputError, match="256 prompts do not fit a uint8"):
+        segmenter.segment(Volume(phantom), prompts, SegmentOptions(mode="slices"))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(mode="fast"), "unknown mode"), (dict(score_threshold=1.5), "score_threshold"),
+    (dict(slice_axis="z"), "slice_axis"), (dict(batch_size=0), "batch_size"), (dict(window="muscle"), "CT window"),
+])
+def test_bad_options_are_named(segmenter, phantom, bad, message):
+    with pytest.raises(InputError, match=message):
+        segmenter.segment(Volume(phantom, modality="CT"), ["liver"], SegmentOptions(**bad))
+
+
+def test_unknown_model_paths_and_ids_are_clear_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such model folder"):
+        load_model(str(tmp_path / "missing-model"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path / "empty"))
+    (tmp_path / "weights.pt").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="bare checkpoint"):
+        load_model(str(tmp_path / "weights.pt"))
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE"):
+        load_model("someone/not-cached-model")
+
+
+def test_video_postprocessing_runs_offline_without_the_kernels_package(tiny_model):
+    from transformers.models.sam3_video import modeling_sam3_video as m
+
+    import importlib.util
+    assert importlib.util.find_spec("kernels") is None  # the hub-fetching path is not available here
+    scores = torch.zeros(1, 1, 12, 12) - 1.0
+    scores[0, 0, 2:10, 2:10] = 1.0
+    scores[0, 0, 5, 5] = -1.0  # a 1-pixel hole
+    scores[0, 0, 0, 11] = 1.0  # a 1-pixel sprinkle
+    filled = m.fill_holes_in_mask_scores(scores, max_area=4)
+    assert filled[0, 0, 5, 5] > 0 and filled[0, 0, 0, 11] <= 0
+    masks = torch.zeros(3, 8, 8)
+    masks[0, :4, :4] = masks[1, :4, :4] = masks[2, 4:, 4:] = 1.0  # 0 and 1 duplicate
+    keep = m.nms_masks(torch.tensor([0.9, 0.8, 0.7]), masks, prob_threshold=0.5, iou_threshold=0.5)
+    assert keep.tolist() == [True, False, True]

@@ -1,0 +1,16 @@
+"""What the Slicer side imports must not pull in torch, transformers or SimpleITK."""
+
+import subprocess
+import sys
+
+
+def test_common_package_imports_without_torch_or_simpleitk():
+    code = (
+        "import sys\n"
+        "import MedicalSAM3Core, MedicalSAM3Core.common.prompts, MedicalSAM3Core.common.result,\\\n"
+        "    MedicalSAM3Core.common.volume, MedicalSAM3Core.common.progress, MedicalSAM3Core.common.errors\n"
+        "bad = [m for m in ('torch', 'transformers', 'SimpleITK') if m in sys.modules]\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"torch-free modules imported: {out.stdout.strip()}"
