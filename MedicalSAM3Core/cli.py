@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability threshold (default 0.5)")
     seg.add_argument("--new-object-threshold", type=float, default=None,
                      help="propagate: detection score that starts a new track (default: the model's, 0.7)")
+    seg.add_argument("--shared-anchor", action="store_true",
+                     help="propagate: start all prompts at one slice instead of each at its own best slice")
     seg.add_argument("--instances", choices=["best", "union"], default="best",
                      help="per slice keep the best instance or the union of all above threshold")
     seg.add_argument("--window", default="auto",
@@ -133,6 +135,7 @@ def _segment(args: argparse.Namespace) -> int:
 
     options = SegmentOptions(mode=args.mode, score_threshold=args.threshold, mask_threshold=args.mask_threshold,
                              new_object_threshold=args.new_object_threshold, instances=args.instances,
+                             shared_anchor=args.shared_anchor,
                              window=args.window, modality=args.modality, slice_axis=args.slice_axis,
                              batch_size=args.batch_size, min_component_voxels=args.min_component_voxels,
                              fill_holes=args.fill_holes, label_dtype=args.label_type)

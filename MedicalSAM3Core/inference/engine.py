@@ -12,9 +12,9 @@ Modes
     logit), exactly transformers' ``post_process_instance_segmentation``.
 ``propagate`` (default)
     SAM3's detector-tracker (``Sam3VideoModel``) with its memory bank, the slices as video frames.
-    A quick detection pass over a few evenly spaced slices finds the slice where the prompts are
-    detected most confidently; tracking starts there and runs to both ends of the volume in two
-    sweeps. The detector keeps running on every frame inside the video model, so structures in
+    A quick detection pass over a few evenly spaced slices finds, for each prompt, the slice where
+    it is detected most confidently; tracking starts there and runs to both ends of the volume in
+    two sweeps (prompts with the same start slice share the sweeps and the vision encoding). The detector keeps running on every frame inside the video model, so structures in
     several disconnected places are re-detected and added as new objects.
 
 Slices are taken along the acquisition axis ``k`` by default (``slice_axis`` may choose ``j`` or
@@ -65,6 +65,7 @@ class SegmentOptions:
     batch_size: int = 4
     new_object_threshold: Optional[float] = None  # propagate: detection score that starts a new track
     anchor_samples: int = 16  # propagate: slices probed to choose where tracking starts
+    shared_anchor: bool = False  # propagate: one start slice for all prompts (fewer sweeps) instead of one each
     min_component_voxels: int = 0  # clean-up: drop 3D components smaller than this
     fill_holes: bool = False  # clean-up: fill enclosed cavities
     label_dtype: str = "uint8"
@@ -191,17 +192,19 @@ class Segmenter:
         groups = self._intensity_groups(volume, resolved, options)
         texts = self.embed_text([p.model_text for p in resolved])
 
-        exact = mode == "slices" or len(groups) == 1
-        accumulator = VolumeAccumulator(len(resolved), view.shape, label_dtype, exact=exact)
         n_slices = view.shape[0]
         if mode == "slices":
             tracker = ProgressTracker(n_slices, progress, cancel)
+            accumulator = VolumeAccumulator(len(resolved), view.shape, label_dtype, exact=True)
             self._run_slices(view, groups, texts, options, accumulator, tracker)
         else:
-            anchors = min(options.anchor_samples, n_slices)
-            tracker = ProgressTracker(len(groups) * (anchors + n_slices + 1), progress, cancel)
-            for group in groups:
-                self._run_propagate(view, group, texts, options, accumulator, tracker)
+            probes = min(options.anchor_samples, n_slices)
+            tracker = ProgressTracker(len(groups) * (probes + n_slices + 1), progress, cancel)
+            tracks = [track for group in groups for track in self._plan_tracks(view, group, texts, options, tracker)]
+            tracker.total += (len(tracks) - len(groups)) * (n_slices + 1)  # extra sweeps for extra start slices
+            accumulator = VolumeAccumulator(len(resolved), view.shape, label_dtype, exact=len(tracks) == 1)
+            for track, anchor in tracks:
+                self._run_propagate(view, track, anchor, texts, options, accumulator, tracker)
 
         return self._finish(volume, resolved, accumulator, axis, mode, options, groups, warnings)
 
@@ -264,27 +267,37 @@ class Segmenter:
 
     # -- propagate mode --------------------------------------------------------------------------
     @torch.inference_mode()
-    def _find_anchor(self, view: np.ndarray, group: _Group, texts: list[_TextEmbedding], options: SegmentOptions,
-                     tracker: ProgressTracker) -> int:
-        """The probed slice with the highest summed detection score over the group's prompts."""
+    def _plan_tracks(self, view: np.ndarray, group: _Group, texts: list[_TextEmbedding], options: SegmentOptions,
+                     tracker: ProgressTracker) -> list[tuple[_Group, int]]:
+        """Where tracking starts: for each prompt, the probed slice where it is detected most confidently.
+
+        Prompts of ``group`` that share a start slice share one tracking session (one vision
+        encoding per slice); with ``shared_anchor`` all prompts of the group start together at the
+        slice with the highest summed score (fewer sweeps, for many prompts).
+        """
         n_slices = view.shape[0]
         probes = np.unique(np.linspace(0, n_slices - 1, min(options.anchor_samples, n_slices)).round().astype(int))
-        totals = np.zeros(len(probes))
+        scores = np.zeros((len(group.prompt_indices), len(probes)))
         for start in range(0, len(probes), options.batch_size):
             tracker.check()
             batch = probes[start:start + options.batch_size]
             raw = torch.from_numpy(np.ascontiguousarray(view[batch])).to(self.model.device)
-            for _, _, score in self._detect_batch(raw, group, texts, options):
-                totals[start:start + len(batch)] += score
-            tracker.advance(len(batch), "finding start slice")
-        # probes beyond the unique count were merged; keep the progress total honest
-        tracker.advance(min(options.anchor_samples, n_slices) - len(probes), "finding start slice")
-        return int(probes[int(np.argmax(totals))])
+            for j, (_, _, score) in enumerate(self._detect_batch(raw, group, texts, options)):
+                scores[j, start:start + len(batch)] = score
+            tracker.advance(len(batch), "finding start slices")
+        # rounding may merge probes of a short volume; keep the progress total honest
+        tracker.advance(min(options.anchor_samples, n_slices) - len(probes), "finding start slices")
+        if options.shared_anchor:
+            return [(group, int(probes[int(np.argmax(scores.sum(axis=0)))]))]
+        by_anchor: dict[int, _Group] = {}
+        for j, k in enumerate(group.prompt_indices):
+            anchor = int(probes[int(np.argmax(scores[j]))])
+            by_anchor.setdefault(anchor, _Group(group.spec)).prompt_indices.append(k)
+        return [(track, anchor) for anchor, track in sorted(by_anchor.items())]
 
-    def _run_propagate(self, view: np.ndarray, group: _Group, texts: list[_TextEmbedding], options: SegmentOptions,
-                       accumulator: VolumeAccumulator, tracker: ProgressTracker) -> None:
+    def _run_propagate(self, view: np.ndarray, group: _Group, anchor: int, texts: list[_TextEmbedding],
+                       options: SegmentOptions, accumulator: VolumeAccumulator, tracker: ProgressTracker) -> None:
         video = self.model.video
-        anchor = self._find_anchor(view, group, texts, options, tracker)
         log.info("propagating prompts %s from slice %d", group.prompt_indices, anchor)
         saved = {name: getattr(video, name) for name in ("score_threshold_detection", "new_det_thresh")}
         video.score_threshold_detection = options.score_threshold

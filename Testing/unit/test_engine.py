@@ -176,3 +176,39 @@ def test_video_postprocessing_runs_offline_without_the_kernels_package(tiny_mode
     masks[0, :4, :4] = masks[1, :4, :4] = masks[2, 4:, 4:] = 1.0  # 0 and 1 duplicate
     keep = m.nms_masks(torch.tensor([0.9, 0.8, 0.7]), masks, prob_threshold=0.5, iou_threshold=0.5)
     assert keep.tolist() == [True, False, True]
+
+
+def test_tracking_starts_where_each_prompt_is_detected_most_confidently(segmenter, tiny_model, phantom):
+    volume = Volume(phantom, modality="CT")
+    options = SegmentOptions(mode="propagate", anchor_samples=len(phantom), batch_size=1, **LOW)
+    groups = segmenter._intensity_groups(volume, segmenter.dictionary.resolve_all(["liver", "spleen"]), options)
+    texts = segmenter.embed_text(["Liver", "Spleen"])
+    from MedicalSAM3Core.common.progress import ProgressTracker
+
+    tracks = segmenter._plan_tracks(phantom, groups[0], texts, options, ProgressTracker(100))
+    anchor_of = {k: anchor for track, anchor in tracks for k in track.prompt_indices}
+    for k, text in enumerate(["Liver", "Spleen"]):
+        best = [float(r["scores"].max()) if len(r["scores"]) else 0.0
+                for r in (_transformers_reference(tiny_model, s, text, 0.2, 0.5) for s in phantom)]
+        assert anchor_of[k] == int(np.argmax(best)), text
+    shared = segmenter._plan_tracks(phantom, groups[0], texts,
+                                    SegmentOptions(mode="propagate", shared_anchor=True, **LOW), ProgressTracker(100))
+    assert len(shared) == 1 and shared[0][0].prompt_indices == [0, 1]
+
+
+def test_tracker_memory_and_frames_stay_bounded_on_long_volumes(tiny_model):
+    from types import SimpleNamespace
+
+    from MedicalSAM3Core.inference.engine import _LazyFrames, _prune_memory
+    from MedicalSAM3Core.preprocessing.intensity import ct_window
+
+    per_object = {"non_cond_frame_outputs": {f: object() for f in range(100)},
+                  "cond_frame_outputs": {f: object() for f in (0, 10, 50, 90, 95, 99)}}
+    session = SimpleNamespace(output_dict_per_obj={0: per_object})
+    _prune_memory(session, frame_idx=99, window=17, max_cond_frames=4)
+    assert sorted(per_object["non_cond_frame_outputs"]) == list(range(82, 100))
+    assert sorted(per_object["cond_frame_outputs"]) == [50, 90, 95, 99]  # the 4 closest conditioning frames
+    frames = _LazyFrames(np.zeros((1000, 8, 8), np.int16), ct_window("abdomen"), tiny_model)
+    assert len(frames) == 1000 and frames[999].shape == (3, tiny_model.image_size, tiny_model.image_size)
+    frames[3]
+    assert frames._cached[0] == 3  # only the current frame is held at model resolution
