@@ -325,7 +325,7 @@ class Segmenter:
         session.processed_frames = _LazyFrames(view, group.spec, model)
         prompt_of_id = {}
         for k in group.prompt_indices:
-            prompt_id = session.add_prompt(f"{k}:{texts[k].input_ids.sum().item()}")
+            prompt_id = session.add_prompt(f"prompt {k}")  # text is given as embeddings below
             session.prompt_input_ids[prompt_id] = texts[k].input_ids
             session.prompt_attention_masks[prompt_id] = texts[k].attention_mask
             session.prompt_embeddings[prompt_id] = texts[k].features

@@ -150,8 +150,8 @@ def load_model(source: str, device: str = "auto", dtype: str = "auto") -> Loaded
     module = video if video is not None else detector
     module.to(torch_device)
     preprocessing = _read_json(model_dir / "medsam3_preprocessing.json")
-    processor = _read_json(model_dir / "preprocessor_config.json").get("image_processor", {}) or \
-        _read_json(model_dir / "preprocessor_config.json")
+    processor_config = _read_json(model_dir / "preprocessor_config.json")
+    processor = processor_config.get("image_processor") or processor_config
     mean = tuple(processor.get("image_mean", SAM3_MEAN))
     std = tuple(processor.get("image_std", SAM3_STD))
     return LoadedModel(detector=detector, video=video, tokenizer=tokenizer, model_id=str(source),
