@@ -14,8 +14,9 @@ Modes
     SAM3's detector-tracker (``Sam3VideoModel``) with its memory bank, the slices as video frames.
     A quick detection pass over a few evenly spaced slices finds, for each prompt, the slice where
     it is detected most confidently; tracking starts there and runs to both ends of the volume in
-    two sweeps (prompts with the same start slice share the sweeps and the vision encoding). The detector keeps running on every frame inside the video model, so structures in
-    several disconnected places are re-detected and added as new objects.
+    two sweeps (prompts with the same start slice share the sweeps and the vision encoding). The
+    detector keeps running on every frame inside the video model, so structures in several
+    disconnected places are re-detected and added as new objects.
 
 Slices are taken along the acquisition axis ``k`` by default (``slice_axis`` may choose ``j`` or
 ``i``). Memory stays bounded: slices are preprocessed on the fly, in batches, so a 1000-slice
@@ -198,10 +199,12 @@ class Segmenter:
             accumulator = VolumeAccumulator(len(resolved), view.shape, label_dtype, exact=True)
             self._run_slices(view, groups, texts, options, accumulator, tracker)
         else:
-            probes = min(options.anchor_samples, n_slices)
-            tracker = ProgressTracker(len(groups) * (probes + n_slices + 1), progress, cancel)
-            tracks = [track for group in groups for track in self._plan_tracks(view, group, texts, options, tracker)]
-            tracker.total += (len(tracks) - len(groups)) * (n_slices + 1)  # extra sweeps for extra start slices
+            probes = _probe_slices(n_slices, options.anchor_samples)
+            # each track sweeps n_slices + 1 frames (its start slice twice); the count of tracks is
+            # known after probing, so the total grows then
+            tracker = ProgressTracker(len(groups) * len(probes), progress, cancel)
+            tracks = [t for group in groups for t in self._plan_tracks(view, probes, group, texts, options, tracker)]
+            tracker.total += len(tracks) * (n_slices + 1)
             accumulator = VolumeAccumulator(len(resolved), view.shape, label_dtype, exact=len(tracks) == 1)
             for track, anchor in tracks:
                 self._run_propagate(view, track, anchor, texts, options, accumulator, tracker)
@@ -267,16 +270,14 @@ class Segmenter:
 
     # -- propagate mode --------------------------------------------------------------------------
     @torch.inference_mode()
-    def _plan_tracks(self, view: np.ndarray, group: _Group, texts: list[_TextEmbedding], options: SegmentOptions,
-                     tracker: ProgressTracker) -> list[tuple[_Group, int]]:
+    def _plan_tracks(self, view: np.ndarray, probes: np.ndarray, group: _Group, texts: list[_TextEmbedding],
+                     options: SegmentOptions, tracker: ProgressTracker) -> list[tuple[_Group, int]]:
         """Where tracking starts: for each prompt, the probed slice where it is detected most confidently.
 
         Prompts of ``group`` that share a start slice share one tracking session (one vision
         encoding per slice); with ``shared_anchor`` all prompts of the group start together at the
         slice with the highest summed score (fewer sweeps, for many prompts).
         """
-        n_slices = view.shape[0]
-        probes = np.unique(np.linspace(0, n_slices - 1, min(options.anchor_samples, n_slices)).round().astype(int))
         scores = np.zeros((len(group.prompt_indices), len(probes)))
         for start in range(0, len(probes), options.batch_size):
             tracker.check()
@@ -285,8 +286,6 @@ class Segmenter:
             for j, (_, _, score) in enumerate(self._detect_batch(raw, group, texts, options)):
                 scores[j, start:start + len(batch)] = score
             tracker.advance(len(batch), "finding start slices")
-        # rounding may merge probes of a short volume; keep the progress total honest
-        tracker.advance(min(options.anchor_samples, n_slices) - len(probes), "finding start slices")
         if options.shared_anchor:
             return [(group, int(probes[int(np.argmax(scores.sum(axis=0)))]))]
         by_anchor: dict[int, _Group] = {}
@@ -448,6 +447,11 @@ def instance_confidence(outputs, size: tuple[int, int], score_threshold: float, 
         if claimed.any():
             slice_scores[b] = scores[b, keep].max()
     return confidence, slice_scores
+
+
+def _probe_slices(n_slices: int, samples: int) -> np.ndarray:
+    """Up to ``samples`` evenly spaced slice indices covering the whole volume."""
+    return np.unique(np.linspace(0, n_slices - 1, min(samples, n_slices)).round().astype(int))
 
 
 def _prune_memory(session, frame_idx: int, window: int, max_cond_frames: int) -> None:

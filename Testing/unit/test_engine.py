@@ -185,13 +185,14 @@ def test_tracking_starts_where_each_prompt_is_detected_most_confidently(segmente
     texts = segmenter.embed_text(["Liver", "Spleen"])
     from MedicalSAM3Core.common.progress import ProgressTracker
 
-    tracks = segmenter._plan_tracks(phantom, groups[0], texts, options, ProgressTracker(100))
+    probes = np.arange(len(phantom))
+    tracks = segmenter._plan_tracks(phantom, probes, groups[0], texts, options, ProgressTracker(100))
     anchor_of = {k: anchor for track, anchor in tracks for k in track.prompt_indices}
     for k, text in enumerate(["Liver", "Spleen"]):
         best = [float(r["scores"].max()) if len(r["scores"]) else 0.0
                 for r in (_transformers_reference(tiny_model, s, text, 0.2, 0.5) for s in phantom)]
         assert anchor_of[k] == int(np.argmax(best)), text
-    shared = segmenter._plan_tracks(phantom, groups[0], texts,
+    shared = segmenter._plan_tracks(phantom, probes, groups[0], texts,
                                     SegmentOptions(mode="propagate", shared_anchor=True, **LOW), ProgressTracker(100))
     assert len(shared) == 1 and shared[0][0].prompt_indices == [0, 1]
 
