@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch torchvision
 DEMO_OUT ?= demo_output
 
-.PHONY: install test demo sample-data clean
+.PHONY: install test demo bench sample-data clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ demo: sample-data
 		--threshold 0.2 --new-object-threshold 0.22 \
 		-o $(DEMO_OUT)/example_ct_sm_seg.nii.gz --seg-nrrd --overlay
 	@echo "Open $(DEMO_OUT)/example_ct_sm_seg_overlay.png to look at the result."
+
+# Engine vs the per-prompt, per-slice baseline (CPU bench config, about 2 minutes on 2 cores);
+# results are recorded in Testing/benchmarks/RESULTS.md
+bench: install
+	$(BIN)/python Testing/benchmarks/bench_engine.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -4,7 +4,8 @@ transformers' ``Sam3VideoModel`` runs mask NMS, hole filling and sprinkle remova
 ``kernels`` package, which downloads code from the Hugging Face hub at run time and silently
 skips all three when it cannot (always, on an offline hospital machine). We provide the same
 two primitives, ``generic_nms`` and ``cc_2d``, with torch and scipy, and install them in place
-of the kernel so the video model behaves the same with no network.
+of the kernel so the video model behaves the same with no network. We also replace its mask IoU,
+whose broadcast form needs memory quadratic in the number of detections times the mask area.
 """
 
 from __future__ import annotations
@@ -57,9 +58,23 @@ class OfflineCvUtils:
         return torch.from_numpy(labels).to(mask.device), torch.from_numpy(counts).to(mask.device)
 
 
+def mask_iou(pred_masks: torch.Tensor, gt_masks: torch.Tensor) -> torch.Tensor:
+    """IoU matrix ``(N, M)`` of binary masks ``(N, H, W)`` and ``(M, H, W)``, as transformers'
+    ``mask_iou`` but as a matrix product: transformers broadcasts to an ``(N, M, H*W)`` tensor,
+    which for 200 detections on 288 x 288 masks asks for tens of GB."""
+    with torch.autocast(device_type=pred_masks.device.type, enabled=False):
+        pred = pred_masks.flatten(1).to(torch.float32)
+        gt = gt_masks.flatten(1).to(torch.float32)
+        intersection = pred @ gt.T  # exact: counts stay far below 2**24
+        union = pred.sum(1)[:, None] + gt.sum(1)[None, :] - intersection
+    return intersection / union.clamp(min=1)
+
+
 def install_offline_cv_ops() -> None:
-    """Make transformers' SAM3 video post-processing use :class:`OfflineCvUtils` (idempotent)."""
+    """Make transformers' SAM3 video post-processing use :class:`OfflineCvUtils` and a
+    memory-bounded :func:`mask_iou` (idempotent)."""
     from transformers.models.sam3_video import modeling_sam3_video
 
     if not isinstance(modeling_sam3_video.cv_utils_kernel, OfflineCvUtils):
         modeling_sam3_video.cv_utils_kernel = OfflineCvUtils()
+    modeling_sam3_video.mask_iou = mask_iou

@@ -393,7 +393,7 @@ class Segmenter:
             masks = [np.unpackbits(p, axis=-1, count=label_map.shape[2]).astype(bool) for p in packed]
             label_map, masks = clean_up(label_map, masks, options.min_component_voxels, options.fill_holes)
             packed = [pack_mask(m) for m in masks]
-        counts = np.bincount(label_map.ravel(), minlength=len(prompts) + 1)
+        counts = _label_counts(label_map, len(prompts) + 1)
         labels = []
         for k, prompt in enumerate(prompts):
             found = int(accumulator.slices_found[k])
@@ -447,6 +447,15 @@ def instance_confidence(outputs, size: tuple[int, int], score_threshold: float, 
         if claimed.any():
             slice_scores[b] = scores[b, keep].max()
     return confidence, slice_scores
+
+
+def _label_counts(label_map: np.ndarray, n_values: int) -> np.ndarray:
+    """Voxels per label value, one slice at a time (``np.bincount`` on the whole map would
+    allocate an int64 copy, 8 bytes per voxel)."""
+    counts = np.zeros(n_values, dtype=np.int64)
+    for plane in label_map:
+        counts += np.bincount(plane.ravel(), minlength=n_values)[:n_values]
+    return counts
 
 
 def _probe_slices(n_slices: int, samples: int) -> np.ndarray:

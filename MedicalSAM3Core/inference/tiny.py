@@ -37,39 +37,56 @@ def build_offline_tokenizer():
     return CLIPTokenizer(vocab=_byte_level_vocab(), merges=[])
 
 
-def tiny_video_config(image_size: int = 56, patch_size: int = 14):
-    """Config of a small ``Sam3VideoModel`` (ViT 64-d x 2, FPN/DETR/tracker 128-d)."""
+def small_video_config(image_size: int = 56, patch_size: int = 14, vit_hidden: int = 64, vit_layers: int = 2,
+                       vit_heads: int = 2, vit_mlp: int = 128, window: int = 2,
+                       global_attention: list[int] | None = None, hidden: int = 128, heads: int = 2,
+                       ffn: int = 128, detr_encoder_layers: int = 1, detr_decoder_layers: int = 2,
+                       queries: int = 8, text_hidden: int = 64, text_layers: int = 1):
+    """Config of a scaled-down ``Sam3VideoModel`` (detector + tracker), same architecture as SAM3.
+
+    ``hidden`` is the FPN / DETR / tracker width; transformers' tracker needs it larger than its
+    fixed 64 memory channels (object pointers break when they are equal), so at least 128.
+    ``global_attention`` defaults to four evenly spaced global-attention ViT layers, as in SAM3.
+    """
     from transformers import (Sam3Config, Sam3TrackerVideoConfig, Sam3VideoConfig, Sam3VisionConfig,
                               Sam3ViTConfig)
 
     grid = image_size // patch_size
-    hidden = 128  # tracker object pointers need hidden > memory channels (64, fixed in transformers)
-    backbone = Sam3ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                             image_size=image_size, patch_size=patch_size, window_size=2, global_attn_indexes=[1],
+    if global_attention is None:
+        global_attention = sorted({max(0, (i + 1) * vit_layers // 4 - 1) for i in range(4)})
+    backbone = Sam3ViTConfig(hidden_size=vit_hidden, num_hidden_layers=vit_layers, num_attention_heads=vit_heads,
+                             intermediate_size=vit_mlp, image_size=image_size, patch_size=patch_size,
+                             window_size=window, global_attn_indexes=global_attention,
                              pretrain_image_size=image_size)
     vision = Sam3VisionConfig(backbone_config=backbone, fpn_hidden_size=hidden, scale_factors=[4.0, 2.0, 1.0, 0.5],
                               backbone_feature_sizes=[[4 * grid] * 2, [2 * grid] * 2, [grid] * 2])
-    small = dict(hidden_size=hidden, num_attention_heads=2, intermediate_size=128)
+    small = dict(hidden_size=hidden, num_attention_heads=heads, intermediate_size=ffn)
     detector = Sam3Config(
         vision_config=vision,
-        text_config=dict(vocab_size=len(_byte_level_vocab()), hidden_size=64, intermediate_size=128,
-                         projection_dim=64, num_hidden_layers=1, num_attention_heads=2,
-                         max_position_embeddings=32, hidden_act="gelu",
-                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        text_config=dict(vocab_size=len(_byte_level_vocab()), hidden_size=text_hidden,
+                         intermediate_size=4 * text_hidden, projection_dim=text_hidden,
+                         num_hidden_layers=text_layers, num_attention_heads=2, max_position_embeddings=32,
+                         hidden_act="gelu", bos_token_id=0, eos_token_id=1, pad_token_id=1),
         geometry_encoder_config=dict(num_layers=1, **small),
-        detr_encoder_config=dict(num_layers=1, **small),
-        detr_decoder_config=dict(num_layers=2, num_queries=8, **small),
-        mask_decoder_config=dict(hidden_size=hidden, num_upsampling_stages=3, num_attention_heads=2),
+        detr_encoder_config=dict(num_layers=detr_encoder_layers, **small),
+        detr_decoder_config=dict(num_layers=detr_decoder_layers, num_queries=queries, **small),
+        mask_decoder_config=dict(hidden_size=hidden, num_upsampling_stages=3, num_attention_heads=heads),
     )
     tracker = Sam3TrackerVideoConfig(
         vision_config=vision.to_dict(), prompt_encoder_config=dict(hidden_size=hidden, image_size=image_size),
-        mask_decoder_config=dict(hidden_size=hidden, mlp_dim=128, num_attention_heads=2, iou_head_hidden_dim=hidden),
+        mask_decoder_config=dict(hidden_size=hidden, mlp_dim=ffn, num_attention_heads=heads,
+                                 iou_head_hidden_dim=hidden),
         memory_attention_hidden_size=hidden, memory_attention_num_layers=1,
-        memory_attention_feed_forward_hidden_size=128, memory_encoder_hidden_size=hidden,
+        memory_attention_feed_forward_hidden_size=ffn, memory_encoder_hidden_size=hidden,
         memory_encoder_output_channels=64, mask_downsampler_embed_dim=hidden, memory_fuser_embed_dim=hidden,
-        memory_fuser_intermediate_dim=128, image_size=image_size)
+        memory_fuser_intermediate_dim=ffn, image_size=image_size)
     return Sam3VideoConfig(detector_config=detector.to_dict(), tracker_config=tracker.to_dict(),
                            low_res_mask_size=4 * grid)
+
+
+def tiny_video_config(image_size: int = 56):
+    """The ~6M-parameter test model: ViT 64-d x 2 at 56 px, FPN/DETR/tracker 128-d."""
+    return small_video_config(image_size=image_size, global_attention=[1])
 
 
 def build_tiny_model(out_dir: str | Path, seed: int = 0, image_size: int = 56) -> Path:

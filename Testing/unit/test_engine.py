@@ -213,3 +213,18 @@ def test_tracker_memory_and_frames_stay_bounded_on_long_volumes(tiny_model):
     assert len(frames) == 1000 and frames[999].shape == (3, tiny_model.image_size, tiny_model.image_size)
     frames[3]
     assert frames._cached[0] == 3  # only the current frame is held at model resolution
+
+
+def test_mask_iou_replacement_equals_transformers_and_is_installed(tiny_model):
+    from transformers.models.sam3_video import modeling_sam3_video as m
+
+    from MedicalSAM3Core.inference.cv_ops import mask_iou
+
+    assert m.mask_iou is mask_iou
+    generator = torch.Generator().manual_seed(0)
+    a = torch.rand(7, 16, 16, generator=generator) > 0.5
+    b = torch.rand(5, 16, 16, generator=generator) > 0.7
+    b[0] = False  # an empty mask: union 0 -> IoU 0
+    reference_inter = (a[:, None] & b[None]).flatten(2).sum(2).float()
+    reference_union = (a[:, None] | b[None]).flatten(2).sum(2).float()
+    torch.testing.assert_close(mask_iou(a, b), reference_inter / reference_union.clamp(min=1))
