@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..common.errors import InputError
+from ..common.options import MODES, SLICE_AXES, SegmentOptions
 from ..common.progress import CancelToken, ProgressCallback, ProgressTracker
 from ..common.prompts import PromptDictionary, ResolvedPrompt, default_dictionary
 from ..common.result import LabelInfo, SegmentationResult, pack_mask
@@ -46,51 +47,6 @@ from .merging import VolumeAccumulator, clean_up, label_capacity
 from .models import LoadedModel
 
 log = logging.getLogger(__name__)
-
-SLICE_AXES = {"k": 0, "j": 1, "i": 2}
-MODES = ("propagate", "slices")
-
-
-@dataclass
-class SegmentOptions:
-    """What a caller can tune. Defaults follow SAM3's own inference settings."""
-
-    mode: str = "propagate"
-    score_threshold: float = 0.5
-    mask_threshold: float = 0.5
-    instances: str = "best"  # "best": best instance per slice; "union": all instances above threshold
-    window: str = "auto"  # CT preset name, or "auto" (modality + prompt anatomy)
-    modality: str = "auto"  # "auto" (file tag, else HU heuristic), "CT", "MR", ...
-    percentiles: tuple[float, float] = (0.5, 99.5)
-    slice_axis: str = "k"
-    batch_size: int = 4
-    new_object_threshold: Optional[float] = None  # propagate: detection score that starts a new track
-    anchor_samples: int = 16  # propagate: slices probed to choose where tracking starts
-    shared_anchor: bool = False  # propagate: one start slice for all prompts (fewer sweeps) instead of one each
-    min_component_voxels: int = 0  # clean-up: drop 3D components smaller than this
-    fill_holes: bool = False  # clean-up: fill enclosed cavities
-    label_dtype: str = "uint8"
-
-    def validate(self) -> None:
-        if self.mode not in MODES:
-            raise InputError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
-        for name in ("score_threshold", "mask_threshold"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise InputError(f"{name} must be in [0, 1), got {value}")
-        if self.new_object_threshold is not None and not 0.0 <= self.new_object_threshold < 1.0:
-            raise InputError(f"new_object_threshold must be in [0, 1), got {self.new_object_threshold}")
-        if self.instances not in ("best", "union"):
-            raise InputError(f"instances must be 'best' or 'union', got {self.instances!r}")
-        if self.slice_axis not in SLICE_AXES:
-            raise InputError(f"slice_axis must be one of k, j, i (IJK index axes), got {self.slice_axis!r}")
-        if self.batch_size < 1:
-            raise InputError("batch_size must be at least 1")
-        if self.label_dtype not in ("uint8", "uint16"):
-            raise InputError("label_dtype must be uint8 or uint16")
-        if self.min_component_voxels < 0:
-            raise InputError("min_component_voxels must be >= 0")
-
 
 @dataclass
 class _Group:

@@ -1,0 +1,109 @@
+"""What a caller can tune in one segmentation job (torch-free: shared by the engine, CLI, wire
+format, server, client and the Slicer module)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+from .errors import InputError
+
+SLICE_AXES = {"k": 0, "j": 1, "i": 2}
+MODES = ("propagate", "slices")
+
+
+@dataclass
+class SegmentOptions:
+    """What a caller can tune. Defaults follow SAM3's own inference settings."""
+
+    mode: str = "propagate"
+    score_threshold: float = 0.5
+    mask_threshold: float = 0.5
+    instances: str = "best"  # "best": best instance per slice; "union": all instances above threshold
+    window: str = "auto"  # CT preset name, or "auto" (modality + prompt anatomy)
+    modality: str = "auto"  # "auto" (file tag, else HU heuristic), "CT", "MR", ...
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    slice_axis: str = "k"
+    batch_size: int = 4
+    new_object_threshold: Optional[float] = None  # propagate: detection score that starts a new track
+    anchor_samples: int = 16  # propagate: slices probed to choose where tracking starts
+    shared_anchor: bool = False  # propagate: one start slice for all prompts (fewer sweeps) instead of one each
+    min_component_voxels: int = 0  # clean-up: drop 3D components smaller than this
+    fill_holes: bool = False  # clean-up: fill enclosed cavities
+    label_dtype: str = "uint8"
+
+    def validate(self) -> None:
+        """Raise :class:`InputError` naming the first unusable option (wrong type or out of range)."""
+        self._check_types()
+        if self.mode not in MODES:
+            raise InputError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
+        for name in ("score_threshold", "mask_threshold"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise InputError(f"{name} must be in [0, 1), got {value}")
+        if self.new_object_threshold is not None and not 0.0 <= self.new_object_threshold < 1.0:
+            raise InputError(f"new_object_threshold must be in [0, 1), got {self.new_object_threshold}")
+        if self.instances not in ("best", "union"):
+            raise InputError(f"instances must be 'best' or 'union', got {self.instances!r}")
+        if self.slice_axis not in SLICE_AXES:
+            raise InputError(f"slice_axis must be one of k, j, i (IJK index axes), got {self.slice_axis!r}")
+        if self.batch_size < 1:
+            raise InputError("batch_size must be at least 1")
+        if self.label_dtype not in ("uint8", "uint16"):
+            raise InputError("label_dtype must be uint8 or uint16")
+        if self.min_component_voxels < 0:
+            raise InputError("min_component_voxels must be >= 0")
+        if self.anchor_samples < 1:
+            raise InputError("anchor_samples must be at least 1")
+        low, high = self.percentiles
+        if not 0.0 <= low < high <= 100.0:
+            raise InputError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
+
+    def _check_types(self) -> None:
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        for name, kind in _TYPES.items():
+            value = getattr(self, name)
+            if kind == "number" and number(value):
+                continue
+            if kind == "number?" and (value is None or number(value)):
+                continue
+            if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+                continue
+            if kind == "bool" and isinstance(value, bool):
+                continue
+            if kind == "str" and isinstance(value, str):
+                continue
+            if kind == "pair" and isinstance(value, (tuple, list)) and len(value) == 2 and all(map(number, value)):
+                continue
+            raise InputError(f"option {name} has the wrong type: {value!r} (expected {kind.rstrip('?')}"
+                             + (" or null" if kind.endswith("?") else "") + ")")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["percentiles"] = list(self.percentiles)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SegmentOptions":
+        """Options from a JSON object; unknown names are an error naming them (not silently ignored)."""
+        if not isinstance(data, dict):
+            raise InputError("options must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"unknown option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values = dict(data)
+        if "percentiles" in values:
+            if isinstance(values["percentiles"], list):
+                values["percentiles"] = tuple(values["percentiles"])
+        options = cls(**values)
+        options.validate()
+        return options
+
+
+_TYPES = {"mode": "str", "score_threshold": "number", "mask_threshold": "number", "instances": "str",
+          "window": "str", "modality": "str", "percentiles": "pair", "slice_axis": "str", "batch_size": "int",
+          "new_object_threshold": "number?", "anchor_samples": "int", "shared_anchor": "bool",
+          "min_component_voxels": "int", "fill_holes": "bool", "label_dtype": "str"}
