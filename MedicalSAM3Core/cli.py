@@ -1,6 +1,8 @@
 """``medsam3`` command line: segment a CT/MR volume from structure names.
 
     medsam3 segment ct.nii.gz --prompt liver --prompt spleen --model DIR_OR_HUB_ID -o liver_spleen.nii.gz
+    medsam3 segment ct.nii.gz --prompt liver --server https://gpu-box:8765 --token-file token.txt
+    medsam3 serve --model DIR_OR_HUB_ID --host 0.0.0.0 --port 8765 --token-file token.txt
 
 Exit codes: 0 success, 2 bad input / model error (message names the problem), 130 cancelled
 with Ctrl-C. No output file is written unless all of them could be written.
@@ -82,6 +84,31 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     seg.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA), float32, bfloat16, float16")
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    seg.add_argument("--server", help="segment on a 'medsam3 serve' server at this URL instead of locally "
+                                      "(the server's model is used)")
+    seg.add_argument("--token-file", type=Path, help="--server: file holding the access token "
+                                                     "(default: $MEDSAM3_TOKEN)")
+
+    srv = sub.add_parser("serve", help="run the inference server (HTTP job API for Slicer and remote clients)",
+                         description="Serve one model over HTTP (FastAPI + uvicorn). Listening on anything but "
+                                     "127.0.0.1 requires an access token; see the README, 'Run on a GPU server'.")
+    srv.add_argument("-m", "--model", help="model folder or hub id (default: $MEDSAM3_MODEL, else the demo model)")
+    srv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1, this computer only)")
+    srv.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0 picks a free one)")
+    srv.add_argument("--token-file", type=Path, help="file whose first line is the access token "
+                                                     "(default: $MEDSAM3_TOKEN); required off loopback")
+    srv.add_argument("--ssl-certfile", help="TLS certificate (PEM); serve https")
+    srv.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
+    srv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    srv.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA), float32, bfloat16, float16")
+    srv.add_argument("--queue-size", type=int, default=8, help="jobs that may wait (more get HTTP 429; default 8)")
+    srv.add_argument("--result-ttl", type=float, default=3600.0, help="seconds a finished result is kept (default 3600)")
+    srv.add_argument("--max-body-mb", type=float, default=1024.0, help="largest accepted upload in MB (default 1024)")
+    srv.add_argument("--max-voxels", type=int, default=1024 ** 3, help="largest accepted volume in voxels")
+    srv.add_argument("--max-dim", type=int, default=4096, help="largest accepted size along one axis")
+
+    tok = sub.add_parser("token", help="write a new random access token to a file (owner-readable only)")
+    tok.add_argument("output", type=Path)
 
     sub.add_parser("prompts", help="list the prompt dictionary (canonical names and synonyms)")
     tiny = sub.add_parser("make-tiny-model", help="write a tiny RANDOM-WEIGHT SAM3 model (tests, smoke runs)")
@@ -93,9 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="medsam3: %(levelname)s: %(message)s")
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # its retry warnings; our errors say what failed
     try:
         if args.command == "segment":
             return _segment(args)
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "token":
+            from .serving.serve import write_token
+
+            write_token(args.output)
+            print(f"wrote a new access token to {args.output}; give it to 'medsam3 serve --token-file' and to "
+                  "the clients (Slicer: Compute > Remote > token)")
+            return 0
         if args.command == "prompts":
             for concept in default_dictionary().concepts:
                 print(f"{concept.name:24s} {', '.join(concept.synonyms)}")
@@ -125,13 +162,10 @@ def _segment(args: argparse.Namespace) -> int:
     output = args.output or _output_default(args.input)
     paths = OutputPaths.beside(output, seg_nrrd=args.seg_nrrd, overlay=args.overlay)
     check_writable(paths, args.overwrite)
-    volume = read_volume(args.input)
-    model_source = args.model or default_model()
-    if not args.model:
-        print(f"medsam3: using the default model {model_source}", file=sys.stderr)
-
-    from .inference.engine import SegmentOptions, Segmenter
-    from .inference.models import load_model
+    if args.server and args.model:
+        raise InputError("--model and --server exclude each other: the server segments with the model it was "
+                         "started with")
+    from .common.options import SegmentOptions
 
     options = SegmentOptions(mode=args.mode, score_threshold=args.threshold, mask_threshold=args.mask_threshold,
                              new_object_threshold=args.new_object_threshold, instances=args.instances,
@@ -140,10 +174,52 @@ def _segment(args: argparse.Namespace) -> int:
                              batch_size=args.batch_size, min_component_voxels=args.min_component_voxels,
                              fill_holes=args.fill_holes, label_dtype=args.label_type)
     options.validate()
-    model = load_model(model_source, device=args.device, dtype=args.dtype)
-    result = Segmenter(model).segment(volume, prompts, options, progress=_progress_bar(args.quiet))
+    volume = read_volume(args.input)
+    if args.server:
+        from .common.client import Client
+        from .serving.serve import read_token
+
+        client = Client(args.server, token=read_token(args.token_file))
+        info = client.info()
+        print(f"medsam3: segmenting on {args.server} with model {info.get('model_id')} "
+              f"({info.get('device')})", file=sys.stderr)
+        result = client.segment(volume, prompts, options, progress=_progress_bar(args.quiet))
+    else:
+        model_source = args.model or default_model()
+        if not args.model:
+            print(f"medsam3: using the default model {model_source}", file=sys.stderr)
+        from .inference.engine import Segmenter
+        from .inference.models import load_model
+
+        model = load_model(model_source, device=args.device, dtype=args.dtype)
+        result = Segmenter(model).segment(volume, prompts, options, progress=_progress_bar(args.quiet))
     write_result(result, paths, volume)
     _print_summary(result, paths)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .common.wire import Limits
+    from .serving.app import ServerConfig
+    from .serving.serve import ServeSettings, build_server, check_settings, read_token
+
+    logging.getLogger("medsam3.server").setLevel(logging.INFO)
+    config = ServerConfig(token=read_token(args.token_file), max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                          limits=Limits(max_voxels=args.max_voxels, max_dim=args.max_dim),
+                          queue_size=args.queue_size, result_ttl=args.result_ttl)
+    settings = ServeSettings(model=args.model or "", host=args.host, port=args.port, device=args.device,
+                             dtype=args.dtype, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+                             config=config)
+    check_settings(settings)  # refuse unsafe settings before loading a model
+    if args.queue_size < 1:
+        raise InputError("--queue-size must be at least 1")
+    settings.model = args.model or default_model()
+    server = build_server(settings)
+    scheme = "https" if args.ssl_certfile else "http"
+    print(f"medsam3: serving {settings.model} on {scheme}://{args.host}:{args.port} "
+          f"({'token required' if config.token else 'no token: this computer only'}); Ctrl-C stops",
+          file=sys.stderr)
+    server.run()
     return 0
 
 
@@ -155,9 +231,13 @@ def _progress_bar(quiet: bool):
     state: dict = {}
 
     def update(event) -> None:
+        if event.total <= 0:  # e.g. a job still queued on a server: nothing to count yet
+            return
         bar = state.get("bar")
         if bar is None:
             bar = state["bar"] = tqdm(total=event.total, unit="slice", file=sys.stderr, leave=False)
+        if bar.total != event.total:
+            bar.total = event.total
         bar.set_description(event.stage)
         bar.update(event.done - bar.n)
         if event.done >= event.total:

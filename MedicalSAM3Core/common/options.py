@@ -8,6 +8,16 @@ from typing import Optional
 
 from .errors import InputError
 
+#: CT window presets as (level, width) in Hounsfield units (radiology reading defaults); the engine and
+#: the Slicer panel offer these names.
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "soft_tissue": (40.0, 400.0),
+    "abdomen": (50.0, 400.0),
+    "lung": (-600.0, 1500.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+}
+
 SLICE_AXES = {"k": 0, "j": 1, "i": 2}
 MODES = ("propagate", "slices")
 
@@ -43,18 +53,20 @@ class SegmentOptions:
                 raise InputError(f"{name} must be in [0, 1), got {value}")
         if self.new_object_threshold is not None and not 0.0 <= self.new_object_threshold < 1.0:
             raise InputError(f"new_object_threshold must be in [0, 1), got {self.new_object_threshold}")
+        if self.window != "auto" and self.window not in CT_WINDOWS:
+            raise InputError(f"unknown CT window {self.window!r}; choose auto or one of {', '.join(CT_WINDOWS)}")
         if self.instances not in ("best", "union"):
             raise InputError(f"instances must be 'best' or 'union', got {self.instances!r}")
         if self.slice_axis not in SLICE_AXES:
             raise InputError(f"slice_axis must be one of k, j, i (IJK index axes), got {self.slice_axis!r}")
-        if self.batch_size < 1:
-            raise InputError("batch_size must be at least 1")
+        if not 1 <= self.batch_size <= 256:
+            raise InputError(f"batch_size must be between 1 and 256, got {self.batch_size}")
         if self.label_dtype not in ("uint8", "uint16"):
             raise InputError("label_dtype must be uint8 or uint16")
         if self.min_component_voxels < 0:
             raise InputError("min_component_voxels must be >= 0")
-        if self.anchor_samples < 1:
-            raise InputError("anchor_samples must be at least 1")
+        if not 1 <= self.anchor_samples <= 1024:
+            raise InputError(f"anchor_samples must be between 1 and 1024, got {self.anchor_samples}")
         low, high = self.percentiles
         if not 0.0 <= low < high <= 100.0:
             raise InputError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")

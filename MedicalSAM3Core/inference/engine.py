@@ -69,6 +69,12 @@ class _TextEmbedding:
                 self.attention_mask.expand(batch, -1))
 
 
+def _slices_tensor(slices: np.ndarray) -> torch.Tensor:
+    """A batch of ``(s, rows, cols)`` slices as a CPU tensor (a copy: the volume may be read-only,
+    e.g. decoded from the server's wire format, and it is never written to)."""
+    return torch.from_numpy(np.array(slices, copy=True, order="C"))
+
+
 class _LazyFrames(Mapping):
     """Slices as model-ready frames, computed on demand (what the video session indexes).
 
@@ -82,7 +88,7 @@ class _LazyFrames(Mapping):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         if self._cached is None or self._cached[0] != index:
-            raw = torch.from_numpy(np.ascontiguousarray(self._view[index:index + 1])).to(self._model.device)
+            raw = _slices_tensor(self._view[index:index + 1]).to(self._model.device)
             frame = to_model_input(raw, self._spec, self._model.image_size, self._model.mean, self._model.std)[0]
             self._cached = (index, frame)
         return self._cached[1]
@@ -197,7 +203,7 @@ class Segmenter:
         for start in range(0, n_slices, options.batch_size):
             tracker.check()
             stop = min(n_slices, start + options.batch_size)
-            raw = torch.from_numpy(np.ascontiguousarray(view[start:stop])).to(self.model.device)
+            raw = _slices_tensor(view[start:stop]).to(self.model.device)
             confidences = np.zeros((n_prompts, stop - start, rows, cols), dtype=np.float32)
             scores = np.zeros((n_prompts, stop - start), dtype=np.float32)
             for group in groups:
@@ -238,7 +244,7 @@ class Segmenter:
         for start in range(0, len(probes), options.batch_size):
             tracker.check()
             batch = probes[start:start + options.batch_size]
-            raw = torch.from_numpy(np.ascontiguousarray(view[batch])).to(self.model.device)
+            raw = _slices_tensor(view[batch]).to(self.model.device)
             for j, (_, _, score) in enumerate(self._detect_batch(raw, group, texts, options)):
                 scores[j, start:start + len(batch)] = score
             tracker.advance(len(batch), "finding start slices")

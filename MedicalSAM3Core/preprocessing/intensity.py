@@ -17,15 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from ..common.errors import InputError
+from ..common.options import CT_WINDOWS  # (level, width) in HU; re-exported here
 
-#: CT window presets as (level, width) in Hounsfield units (radiology reading defaults).
-CT_WINDOWS: dict[str, tuple[float, float]] = {
-    "soft_tissue": (40.0, 400.0),
-    "abdomen": (50.0, 400.0),
-    "lung": (-600.0, 1500.0),
-    "bone": (400.0, 1800.0),
-    "brain": (40.0, 80.0),
-}
+__all__ = ["CT_WINDOWS", "DEFAULT_PERCENTILES", "IntensitySpec", "ct_window", "percentile_spec", "spec_for",
+           "to_model_input", "detect_modality"]
 
 #: Default percentiles for MR and other non-CT modalities.
 DEFAULT_PERCENTILES = (0.5, 99.5)

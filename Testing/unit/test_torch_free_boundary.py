@@ -1,4 +1,5 @@
-"""What the Slicer side imports must not pull in torch, transformers or SimpleITK."""
+"""What the Slicer side imports (prompt dictionary, volume/result types, options, wire format,
+client) must not pull in torch, transformers or SimpleITK."""
 
 import subprocess
 import sys
@@ -8,7 +9,8 @@ def test_common_package_imports_without_torch_or_simpleitk():
     code = (
         "import sys\n"
         "import MedicalSAM3Core, MedicalSAM3Core.common.prompts, MedicalSAM3Core.common.result,\\\n"
-        "    MedicalSAM3Core.common.volume, MedicalSAM3Core.common.progress, MedicalSAM3Core.common.errors\n"
+        "    MedicalSAM3Core.common.volume, MedicalSAM3Core.common.progress, MedicalSAM3Core.common.errors,\\\n"
+        "    MedicalSAM3Core.common.options, MedicalSAM3Core.common.wire, MedicalSAM3Core.common.client\n"
         "bad = [m for m in ('torch', 'transformers', 'SimpleITK') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )

@@ -1,0 +1,1 @@
+"""The inference server (FastAPI + uvicorn): ``medsam3 serve``."""

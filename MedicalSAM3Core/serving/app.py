@@ -1,0 +1,149 @@
+"""``medsam3 serve``: the HTTP job API (FastAPI) in front of one loaded model.
+
+Endpoints (all under ``/v1``; OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
+
+====================================  =========================================================
+``GET    /v1/health``                 liveness (no token needed; says nothing about jobs)
+``GET    /v1/info``                   versions, model id, device, GPU memory, queue, limits
+``POST   /v1/jobs``                   submit (body: :mod:`~MedicalSAM3Core.common.wire` request)
+``GET    /v1/jobs/{id}``              state and progress (slices done / total, stage)
+``POST   /v1/jobs/{id}/cancel``       cancel (takes effect within one batch of slices)
+``GET    /v1/jobs/{id}/result``       the result (wire format; 409 until the job is done)
+``DELETE /v1/jobs/{id}``              forget the job and free its result
+====================================  =========================================================
+
+Errors are JSON ``{"detail": "..."}`` with 401 (token), 404 (unknown job), 409 (not ready),
+413 (body too large), 422 (malformed request, named), 429 (queue full, with ``Retry-After``).
+The client never names a file on the server: volumes travel in the request body only.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+
+from .. import __version__
+from ..common.errors import InputError
+from ..common.wire import MEDIA_TYPE, WIRE_VERSION, Limits, decode_request
+from .jobs import JobManager, QueueFull, RunJob
+
+log = logging.getLogger("medsam3.server")
+API_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What ``medsam3 serve`` was started with (everything but the model)."""
+
+    token: Optional[str] = None
+    max_body_bytes: int = 1 << 30
+    limits: Limits = Limits()
+    queue_size: int = 8
+    result_ttl: float = 3600.0
+    retry_after: int = 5
+
+
+def create_app(run: RunJob, config: ServerConfig, info: Optional[dict] = None) -> FastAPI:
+    """The FastAPI application. ``run`` segments one :class:`JobRequest` (the model lives in it);
+    ``info`` adds model id / device / GPU memory to ``/v1/info`` (a callable or a dict)."""
+    manager = JobManager(run, queue_size=config.queue_size, result_ttl=config.result_ttl)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        manager.start()
+        yield
+        manager.stop()
+
+    app = FastAPI(title="Medical SAM3 inference server", version=__version__, lifespan=lifespan,
+                  description=__doc__.split("\n\n")[0])
+    app.state.jobs = manager
+
+    def authorize(request: Request) -> None:
+        if config.token is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, supplied = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.strip().encode(), config.token.encode()):
+            raise HTTPException(401, "missing or wrong access token (send 'Authorization: Bearer <token>')",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    auth = [Depends(authorize)]
+
+    def job_or_404(job_id: str):
+        job = manager.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r} (unknown, deleted, or expired after {config.result_ttl:.0f} s)")
+        return job
+
+    @app.get("/v1/health")
+    def health() -> dict:
+        return {"status": "ok", "api_version": API_VERSION}
+
+    @app.get("/v1/info", dependencies=auth)
+    def server_info() -> dict:
+        extra = info() if callable(info) else dict(info or {})
+        return {"version": __version__, "api_version": API_VERSION, "wire_version": WIRE_VERSION, **extra,
+                "queue": manager.counts(), "limits": {"max_body_bytes": config.max_body_bytes,
+                                                      **asdict(config.limits)}}
+
+    @app.post("/v1/jobs", dependencies=auth, status_code=202, openapi_extra={
+        "requestBody": {"required": True, "content": {MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+                        "description": "a wire-format request (see MedicalSAM3Core.common.wire)"}})
+    async def submit(request: Request) -> JSONResponse:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > config.max_body_bytes:
+            raise HTTPException(413, f"request body of {declared} bytes exceeds this server's limit of "
+                                     f"{config.max_body_bytes} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > config.max_body_bytes:
+                raise HTTPException(413, f"request body exceeds this server's limit of {config.max_body_bytes} bytes")
+        started = time.perf_counter()
+        try:
+            job_request = await run_in_threadpool(decode_request, body, config.limits)
+        except InputError as error:
+            raise HTTPException(422, f"malformed request: {error}") from None
+        client = request.client.host if request.client else "?"
+        try:
+            job = manager.submit(job_request, client, len(body))
+        except QueueFull as error:
+            raise HTTPException(429, str(error), headers={"Retry-After": str(config.retry_after)}) from None
+        log.info("job %s decoded in %.2f s", job.id, time.perf_counter() - started)
+        return JSONResponse(job.status(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+    @app.get("/v1/jobs/{job_id}", dependencies=auth)
+    def job_status(job_id: str) -> dict:
+        return job_or_404(job_id).status()
+
+    @app.post("/v1/jobs/{job_id}/cancel", dependencies=auth, status_code=202)
+    def cancel(job_id: str) -> dict:
+        job = manager.cancel(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r}")
+        return job.status()
+
+    @app.get("/v1/jobs/{job_id}/result", dependencies=auth,
+             responses={200: {"content": {MEDIA_TYPE: {}}, "description": "a wire-format result"}})
+    def result(job_id: str) -> Response:
+        job = job_or_404(job_id)
+        if job.state != "done" or job.result is None:
+            detail = f"job {job_id} is {job.state}" + (f": {job.error}" if job.error else "")
+            raise HTTPException(409, detail)
+        return Response(job.result, media_type=MEDIA_TYPE)
+
+    @app.delete("/v1/jobs/{job_id}", dependencies=auth, status_code=204)
+    def delete(job_id: str) -> Response:
+        if not manager.delete(job_id):
+            raise HTTPException(404, f"no job {job_id!r}")
+        return Response(status_code=204)
+
+    return app
