@@ -78,7 +78,7 @@ class Client:
         self.url = url.rstrip("/")
         self.timeout, self.poll_interval, self.busy_timeout = timeout, poll_interval, busy_timeout
         self._session = requests.Session()
-        self._session.verify = verify
+        self._verify = verify  # passed per request: a Session-level value loses to $REQUESTS_CA_BUNDLE
         if token:
             self._session.headers["Authorization"] = f"Bearer {token.strip()}"
             if parsed.scheme == "http" and not is_loopback(parsed.hostname or ""):
@@ -94,6 +94,7 @@ class Client:
     # -- low level ------------------------------------------------------------------------------
     def _request(self, method: str, path: str, **kwargs) -> requests.Response:
         kwargs.setdefault("timeout", (min(10.0, self.timeout), self.timeout))
+        kwargs.setdefault("verify", self._verify)
         try:
             response = self._session.request(method, self.url + path, **kwargs)
         except requests.exceptions.SSLError as error:

@@ -10,15 +10,16 @@ TOKEN = "test-token-0123456789abcdef"
 
 
 @contextmanager
-def running_server(run, config, info=None):
-    """Serve ``create_app(run, config)`` on 127.0.0.1:<free port>; yields the base URL."""
+def running_server(run, config, info=None, ssl_certfile=None, ssl_keyfile=None):
+    """Serve ``create_app(run, config)`` on 127.0.0.1:<free port>; yields (base URL, app)."""
     import uvicorn
 
     from MedicalSAM3Core.serving.app import create_app
     from MedicalSAM3Core.serving.serve import bound_port
 
     app = create_app(run, config, info=info)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                           ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -27,7 +28,8 @@ def running_server(run, config, info=None):
             raise RuntimeError("test server did not start")
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{bound_port(server)}", app
+        scheme = "https" if ssl_certfile else "http"
+        yield f"{scheme}://127.0.0.1:{bound_port(server)}", app
     finally:
         server.should_exit = True
         thread.join(30)

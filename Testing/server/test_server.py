@@ -412,3 +412,29 @@ def test_gzip_only_client_gets_a_gzip_result_and_logs_hold_no_image_data(engine_
     text = caplog.text
     assert job in text and "['liver']" in text and "[3, 40, 48]" in text and "done in" in text
     assert len(text) < 5000  # job metadata only, never voxel data
+
+
+def test_tls_with_a_self_signed_certificate(tmp_path, tiny_model):
+    """uvicorn's TLS options as documented: the client verifies the server against the given CA."""
+    import shutil
+    import subprocess
+
+    from MedicalSAM3Core.serving.serve import engine_runner
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl command not available to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    config = ServerConfig(token=TOKEN)
+    with running_server(engine_runner(tiny_model), config, ssl_certfile=str(cert), ssl_keyfile=str(key)) as (url, _):
+        assert url.startswith("https://")
+        volume = _volume(3)
+        options = SegmentOptions(mode="slices", **OPTIONS)
+        result = Client(url, token=TOKEN, verify=str(cert)).segment(volume, ["liver"], options)
+        _assert_same(result, Segmenter(tiny_model).segment(volume, ["liver"], options))
+        with pytest.raises(ServerUnreachable, match="TLS|certificate"):
+            Client(url, token=TOKEN).info()  # not trusted without the CA
+        with pytest.raises(ServerUnreachable):
+            Client(url.replace("https", "http"), token=TOKEN, timeout=5).info()
