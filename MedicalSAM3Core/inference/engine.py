@@ -34,15 +34,15 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..common.errors import InputError
-from ..common.options import MODES, SLICE_AXES, SegmentOptions
+from ..common.options import SLICE_AXES, SegmentOptions
 from ..common.progress import CancelToken, ProgressCallback, ProgressTracker
 from ..common.prompts import PromptDictionary, ResolvedPrompt, default_dictionary
 from ..common.result import LabelInfo, SegmentationResult, pack_mask
 from ..common.volume import Volume
 from ..preprocessing.intensity import IntensitySpec, detect_modality, spec_for, to_model_input
+from ..preprocessing.layout import SliceLayout, pixel_spacing
 from .merging import VolumeAccumulator, clean_up, label_capacity
 from .models import LoadedModel
 
@@ -53,6 +53,7 @@ class _Group:
     """Prompts that share one intensity mapping, hence one vision encoding per slice."""
 
     spec: IntensitySpec
+    layout: SliceLayout
     prompt_indices: list[int] = field(default_factory=list)
 
 
@@ -82,14 +83,15 @@ class _LazyFrames(Mapping):
     resolution; keeps only the most recent frame.
     """
 
-    def __init__(self, view: np.ndarray, spec: IntensitySpec, model: LoadedModel) -> None:
-        self._view, self._spec, self._model = view, spec, model
+    def __init__(self, view: np.ndarray, group: "_Group", model: LoadedModel) -> None:
+        self._view, self._group, self._model = view, group, model
         self._cached: tuple[int, torch.Tensor] | None = None
 
     def __getitem__(self, index: int) -> torch.Tensor:
         if self._cached is None or self._cached[0] != index:
             raw = _slices_tensor(self._view[index:index + 1]).to(self._model.device)
-            frame = to_model_input(raw, self._spec, self._model.image_size, self._model.mean, self._model.std)[0]
+            frame = to_model_input(raw, self._group.spec, self._model.image_size, self._model.mean, self._model.std,
+                                   self._group.layout)[0]
             self._cached = (index, frame)
         return self._cached[1]
 
@@ -176,6 +178,10 @@ class Segmenter:
     # -- grouping by intensity mapping -----------------------------------------------------------
     def _intensity_groups(self, volume: Volume, prompts: list[ResolvedPrompt], options: SegmentOptions) -> list[_Group]:
         fixed = self.model.preprocessing.get("window")  # a model trained on one window is always fed it
+        axis = SLICE_AXES[options.slice_axis]
+        slice_shape = tuple(n for a, n in enumerate(volume.shape) if a != axis)
+        layout = SliceLayout.from_policy(self.model.preprocessing, slice_shape,
+                                         pixel_spacing(volume.geometry.spacing, axis), self.model.image_size)
         declared = volume.modality if options.modality == "auto" else options.modality
         modality = detect_modality(volume.array, declared)
         groups: dict[IntensitySpec, _Group] = {}
@@ -190,7 +196,7 @@ class Segmenter:
                 spec = percentile_cache[key]
             else:
                 spec = spec_for(modality, volume.array, window, prompt_window, options.percentiles)
-            groups.setdefault(spec, _Group(spec)).prompt_indices.append(index)
+            groups.setdefault(spec, _Group(spec, layout)).prompt_indices.append(index)
         return list(groups.values())
 
     # -- slices mode -----------------------------------------------------------------------------
@@ -219,14 +225,14 @@ class Segmenter:
         Yields ``(prompt_index, confidence (b, rows, cols), score (b,))``.
         """
         model = self.model
-        pixel_values = to_model_input(raw, group.spec, model.image_size, model.mean, model.std)
+        pixel_values = to_model_input(raw, group.spec, model.image_size, model.mean, model.std, group.layout)
         with model.autocast():
             vision = model.detector.get_vision_features(pixel_values=pixel_values)
         for k in group.prompt_indices:
             text_features, attention_mask = texts[k].for_batch(raw.shape[0])
             with model.autocast():
                 outputs = model.detector(vision_embeds=vision, text_embeds=text_features, attention_mask=attention_mask)
-            conf, score = instance_confidence(outputs, tuple(raw.shape[-2:]), options.score_threshold,
+            conf, score = instance_confidence(outputs, group.layout, options.score_threshold,
                                               options.mask_threshold, options.instances)
             yield k, conf.cpu().numpy(), score.cpu().numpy()
 
@@ -253,7 +259,7 @@ class Segmenter:
         by_anchor: dict[int, _Group] = {}
         for j, k in enumerate(group.prompt_indices):
             anchor = int(probes[int(np.argmax(scores[j]))])
-            by_anchor.setdefault(anchor, _Group(group.spec)).prompt_indices.append(k)
+            by_anchor.setdefault(anchor, _Group(group.spec, group.layout)).prompt_indices.append(k)
         return [(track, anchor) for anchor, track in sorted(by_anchor.items())]
 
     def _run_propagate(self, view: np.ndarray, group: _Group, anchor: int, texts: list[_TextEmbedding],
@@ -283,7 +289,7 @@ class Segmenter:
         session = Sam3VideoInferenceSession(
             video=None, video_height=rows, video_width=cols, inference_device=model.device,
             inference_state_device=model.device, video_storage_device=model.device, dtype=torch.float32)
-        session.processed_frames = _LazyFrames(view, group.spec, model)
+        session.processed_frames = _LazyFrames(view, group, model)
         prompt_of_id = {}
         for k in group.prompt_indices:
             prompt_id = session.add_prompt(f"prompt {k}")  # text is given as embeddings below
@@ -327,11 +333,12 @@ class Segmenter:
             score = float(output.obj_id_to_score.get(obj_id, 0.0))
             if score <= options.score_threshold:
                 continue
-            logits = F.interpolate(low_res[None].float(), size=size, mode="bilinear", align_corners=False)[0, 0].cpu()
-            claimed = torch.sigmoid(logits) > options.mask_threshold
+            logits = group.layout.to_slice(low_res[None], fill=_NOTHING_LOGIT)[0, 0].cpu()
+            probs = torch.sigmoid(logits)
+            claimed = probs > options.mask_threshold
             if not claimed.any():
                 continue
-            obj_conf = torch.where(claimed, score * torch.sigmoid(logits), torch.zeros(()))
+            obj_conf = torch.where(claimed, score * probs, torch.zeros(()))
             if options.instances == "best":
                 if score > best_score[j]:
                     conf[j], best_score[j] = obj_conf, score
@@ -380,13 +387,17 @@ class Segmenter:
                                   warnings=warnings, parameters=parameters)
 
 
-def instance_confidence(outputs, size: tuple[int, int], score_threshold: float, mask_threshold: float,
+_NOTHING_LOGIT = -1.0e4  # mask logit for canvas padding: probability 0
+
+
+def instance_confidence(outputs, layout: SliceLayout, score_threshold: float, mask_threshold: float,
                         instances: str = "best") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pixel confidence of one prompt from ``Sam3Model`` outputs for a batch of slices.
 
     Same arithmetic as transformers' ``post_process_instance_segmentation``: score =
-    sigmoid(logit) x sigmoid(presence); mask probabilities are upsampled (bilinear) to ``size``
-    and thresholded. Returns ``confidence (b, *size)`` (score x mask probability where the pixel
+    sigmoid(logit) x sigmoid(presence); mask probabilities are mapped (bilinear) from the model
+    canvas onto the slice grid by ``layout`` and thresholded. Returns ``confidence (b, rows, cols)``
+    (score x mask probability where the pixel
     is claimed, else 0) and the slice score ``(b,)`` (0 where nothing passed the threshold).
     """
     scores = outputs.pred_logits.float().sigmoid()
@@ -394,6 +405,7 @@ def instance_confidence(outputs, size: tuple[int, int], score_threshold: float, 
         scores = scores * outputs.presence_logits.float().sigmoid()
     masks = outputs.pred_masks.float()
     batch = scores.shape[0]
+    size = layout.slice_shape
     confidence = torch.zeros((batch, *size), device=scores.device)
     slice_scores = torch.zeros(batch, device=scores.device)
     for b in range(batch):
@@ -402,7 +414,7 @@ def instance_confidence(outputs, size: tuple[int, int], score_threshold: float, 
             continue
         if instances == "best":
             keep = keep[scores[b, keep].argmax()].reshape(1)
-        probs = F.interpolate(masks[b, keep][None].sigmoid(), size=size, mode="bilinear", align_corners=False)[0]
+        probs = layout.to_slice(masks[b, keep][None].sigmoid())[0]
         claimed = probs > mask_threshold
         weighted = torch.where(claimed, scores[b, keep][:, None, None] * probs, torch.zeros((), device=probs.device))
         confidence[b] = weighted.max(dim=0).values

@@ -4,6 +4,14 @@ A model is a folder with ``config.json`` + safetensors + tokenizer files (what
 ``save_pretrained`` writes), or a Hugging Face hub id (downloaded through ``huggingface_hub``,
 honouring ``HF_TOKEN`` and ``HF_HUB_OFFLINE``). A ``sam3_video`` model gives both inference
 modes; a plain ``sam3`` (image) model gives ``slices`` mode only.
+
+What a model expects as input travels with it, so every model is fed what it was trained on:
+image size (``config.json``), mean/std (``preprocessor_config.json``) and, in our own
+``medsam3_preprocessing.json`` (optional; absent = SAM3's own preprocessing):
+
+``window``            a CT window preset the model was trained on (always used), or null
+``field_of_view_mm``  slices are placed on a fixed physical field of view of this many mm
+                      (see :mod:`MedicalSAM3Core.preprocessing.layout`), or null = stretch
 """
 
 from __future__ import annotations
@@ -149,7 +157,7 @@ def load_model(source: str, device: str = "auto", dtype: str = "auto") -> Loaded
     install_offline_cv_ops()
     module = video if video is not None else detector
     module.to(torch_device)
-    preprocessing = _read_json(model_dir / "medsam3_preprocessing.json")
+    preprocessing = read_preprocessing(model_dir)
     processor_config = _read_json(model_dir / "preprocessor_config.json")
     processor = processor_config.get("image_processor") or processor_config
     mean = tuple(processor.get("image_mean", SAM3_MEAN))
@@ -158,6 +166,23 @@ def load_model(source: str, device: str = "auto", dtype: str = "auto") -> Loaded
                        image_size=int(detector.config.image_size), device=torch_device,
                        autocast_dtype=choose_autocast(torch_device, dtype), mean=mean, std=std,
                        preprocessing=preprocessing)
+
+
+PREPROCESSING_FILE = "medsam3_preprocessing.json"
+
+
+def read_preprocessing(model_dir: Path) -> dict:
+    """The model's ``medsam3_preprocessing.json`` (see module docstring), validated."""
+    from ..common.options import CT_WINDOWS
+
+    path = Path(model_dir) / PREPROCESSING_FILE
+    data = _read_json(path)
+    window, fov = data.get("window"), data.get("field_of_view_mm")
+    if window is not None and window not in CT_WINDOWS:
+        raise ModelLoadError(f"{path}: window {window!r} is not one of {', '.join(CT_WINDOWS)}")
+    if fov is not None and (isinstance(fov, bool) or not isinstance(fov, (int, float)) or fov <= 0):
+        raise ModelLoadError(f"{path}: field_of_view_mm must be a positive number of millimetres or null")
+    return data
 
 
 def _read_json(path: Path) -> dict:

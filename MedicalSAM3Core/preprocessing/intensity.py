@@ -14,10 +14,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..common.errors import InputError
 from ..common.options import CT_WINDOWS  # (level, width) in HU; re-exported here
+from .layout import SliceLayout
 
 __all__ = ["CT_WINDOWS", "DEFAULT_PERCENTILES", "IntensitySpec", "ct_window", "percentile_spec", "spec_for",
            "to_model_input", "detect_modality"]
@@ -93,18 +93,23 @@ def spec_for(modality: str, array: np.ndarray, window: Optional[str], prompt_win
 
 
 def to_model_input(slices: torch.Tensor, spec: IntensitySpec, image_size: int,
-                   mean: Sequence[float] = SAM3_MEAN, std: Sequence[float] = SAM3_STD) -> torch.Tensor:
+                   mean: Sequence[float] = SAM3_MEAN, std: Sequence[float] = SAM3_STD,
+                   layout: Optional[SliceLayout] = None) -> torch.Tensor:
     """``(B, H, W)`` raw slices -> ``(B, 3, image_size, image_size)`` float32 model input.
 
-    Window to [0, 1], resize (bilinear, antialiased: what transformers' Sam3ImageProcessor does),
-    replicate gray to 3 channels, normalise with the model's mean/std.
+    Window to [0, 1], place on the model's square canvas (``layout``; default: stretch the whole
+    slice, bilinear and antialiased, as transformers' Sam3ImageProcessor does), replicate gray to
+    3 channels, normalise with the model's mean/std. Training uses this same function.
     """
     if slices.ndim != 3:
         raise ValueError(f"expected (B, H, W) slices, got shape {tuple(slices.shape)}")
+    layout = layout or SliceLayout.stretch(tuple(slices.shape[-2:]), image_size)
+    if layout.slice_shape != tuple(slices.shape[-2:]) or layout.image_size != image_size:
+        raise ValueError(f"layout for {layout.slice_shape} slices at {layout.image_size} px used on "
+                         f"{tuple(slices.shape[-2:])} slices at {image_size} px")
     x = slices.to(torch.float32)
     x = ((x - spec.low) / (spec.high - spec.low)).clamp_(0.0, 1.0)
-    x = F.interpolate(x[:, None], size=(image_size, image_size), mode="bilinear", align_corners=False,
-                      antialias=True)
+    x = layout.place(x[:, None])
     x = x.expand(-1, 3, -1, -1)
     mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device)[None, :, None, None]
     std_t = torch.tensor(std, dtype=x.dtype, device=x.device)[None, :, None, None]

@@ -200,7 +200,8 @@ def test_tracking_starts_where_each_prompt_is_detected_most_confidently(segmente
 def test_tracker_memory_and_frames_stay_bounded_on_long_volumes(tiny_model):
     from types import SimpleNamespace
 
-    from MedicalSAM3Core.inference.engine import _LazyFrames, _prune_memory
+    from MedicalSAM3Core.inference.engine import _Group, _LazyFrames, _prune_memory
+    from MedicalSAM3Core.preprocessing.layout import SliceLayout
     from MedicalSAM3Core.preprocessing.intensity import ct_window
 
     per_object = {"non_cond_frame_outputs": {f: object() for f in range(100)},
@@ -209,7 +210,8 @@ def test_tracker_memory_and_frames_stay_bounded_on_long_volumes(tiny_model):
     _prune_memory(session, frame_idx=99, window=17, max_cond_frames=4)
     assert sorted(per_object["non_cond_frame_outputs"]) == list(range(82, 100))
     assert sorted(per_object["cond_frame_outputs"]) == [50, 90, 95, 99]  # the 4 closest conditioning frames
-    frames = _LazyFrames(np.zeros((1000, 8, 8), np.int16), ct_window("abdomen"), tiny_model)
+    group = _Group(ct_window("abdomen"), SliceLayout.stretch((8, 8), tiny_model.image_size))
+    frames = _LazyFrames(np.zeros((1000, 8, 8), np.int16), group, tiny_model)
     assert len(frames) == 1000 and frames[999].shape == (3, tiny_model.image_size, tiny_model.image_size)
     frames[3]
     assert frames._cached[0] == 3  # only the current frame is held at model resolution
