@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-voxels", type=int, default=1024 ** 3, help="largest accepted volume in voxels")
     srv.add_argument("--max-dim", type=int, default=4096, help="largest accepted size along one axis")
 
+    from .evaluation.evaluate import add_evaluate_parser
+
+    add_evaluate_parser(sub)
+
     tok = sub.add_parser("token", help="write a new random access token to a file (owner-readable only)")
     tok.add_argument("output", type=Path)
 
@@ -126,6 +130,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _segment(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "evaluate":
+            from .evaluation.evaluate import run_evaluate
+
+            return run_evaluate(args)
         if args.command == "token":
             from .serving.serve import write_token
 

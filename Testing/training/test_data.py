@@ -1,0 +1,113 @@
+"""Training data: dataset validation, the engine's own preprocessing, masks/boxes, balanced sampling."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from MedicalSAM3Core.common.errors import InputError
+from Training.data import Augment, BalancedSampler, SliceDataset, load_dataset, masks_to_boxes
+
+PREPROCESS = {"image_size": 56, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+
+
+def _edit(toy_dataset, tmp_path, change):
+    folder = tmp_path / "ds"
+    shutil.copytree(toy_dataset.parent, folder)
+    data = json.loads((folder / "dataset.json").read_text())
+    change(data, folder)
+    (folder / "dataset.json").write_text(json.dumps(data))
+    return folder / "dataset.json"
+
+
+def test_every_problem_is_listed_at_once(toy_dataset, tmp_path):
+    def break_it(data, folder):
+        data["labels"]["3"] = "livr"  # typo
+        data["labels"]["x"] = "spleen"
+        data["cases"].append(dict(data["cases"][0]))  # duplicate id
+        data["cases"][1]["image"] = "missing.nii.gz"
+        data["cases"][2]["split"] = "test"
+
+    with pytest.raises(InputError) as error:
+        load_dataset(_edit(toy_dataset, tmp_path, break_it))
+    message = str(error.value)
+    for expected in ("'livr' is not a concept", "did you mean Liver", "'x' is not a positive integer",
+                     "appears twice", "missing.nii.gz does not exist", "split must be"):
+        assert expected in message, message
+    assert "5 problem(s)" in message or "6 problem(s)" in message
+
+
+def test_geometry_mismatch_and_unmapped_values(toy_dataset, tmp_path):
+    import SimpleITK as sitk
+
+    def break_it(data, folder):
+        label = sitk.ReadImage(str(folder / "case0_seg.nii.gz"))
+        label.SetOrigin((5.0, 0.0, 0.0))
+        sitk.WriteImage(label, str(folder / "case0_seg.nii.gz"))
+        del data["labels"]["2"]
+
+    with pytest.raises(InputError) as error:
+        load_dataset(_edit(toy_dataset, tmp_path, break_it))
+    assert "not on the same grid" in str(error.value) and "label values [2] are not in 'labels'" in str(error.value)
+
+
+def test_pixels_are_exactly_what_the_engine_feeds_the_model(toy_dataset, tiny_model):
+    from MedicalSAM3Core.common.options import SegmentOptions
+    from MedicalSAM3Core.imaging.io import read_volume
+    from MedicalSAM3Core.inference.engine import Segmenter
+    from MedicalSAM3Core.preprocessing.intensity import to_model_input
+
+    spec = load_dataset(toy_dataset)
+    dataset = SliceDataset(spec, spec.cases[:1], PREPROCESS)
+    item_index = next(i for i, t in enumerate(dataset.triplets) if t.concept == "Spleen" and t.slice == 2)
+    item = dataset[item_index]
+    volume = read_volume(spec.cases[0].image)
+    segmenter = Segmenter(tiny_model)
+    resolved = segmenter.dictionary.resolve_all(["spleen"])
+    (group,) = segmenter._intensity_groups(volume, resolved, SegmentOptions())
+    engine_input = to_model_input(torch.from_numpy(volume.array[2:3].astype(np.float32)), group.spec,
+                                  tiny_model.image_size, tiny_model.mean, tiny_model.std, group.layout)[0]
+    torch.testing.assert_close(item["pixel_values"], engine_input)
+    assert item["text"] == "Spleen" and item["masks"].shape[0] == 1
+    torch.testing.assert_close(item["boxes"], masks_to_boxes(item["masks"]))
+
+
+def test_masks_boxes_and_negatives(toy_dataset):
+    spec = load_dataset(toy_dataset)
+    dataset = SliceDataset(spec, spec.cases[:1], {**PREPROCESS, "field_of_view_mm": 120.0},
+                           augment=Augment(scale=(0.8, 1.25), shift=0.1, window_jitter=0.1, noise=0.02))
+    positives = [i for i, t in enumerate(dataset.triplets) if t.positive]
+    negatives = [i for i, t in enumerate(dataset.triplets) if not t.positive]
+    assert positives and negatives
+    for index in positives[:4]:
+        item = dataset[index]
+        assert item["masks"].dtype == torch.bool and item["masks"].shape[1:] == (56, 56)
+        for mask, box in zip(item["masks"], item["boxes"]):
+            rows, cols = torch.nonzero(mask, as_tuple=True)
+            expected = [int(cols.min()) / 56, int(rows.min()) / 56, (int(cols.max()) + 1) / 56, (int(rows.max()) + 1) / 56]
+            assert box.tolist() == pytest.approx(expected)
+    item = dataset[negatives[0]]
+    assert item["masks"].shape == (0, 56, 56) and item["boxes"].shape == (0, 4)
+    again = dataset[positives[0]]
+    torch.testing.assert_close(again["pixel_values"], dataset[positives[0]]["pixel_values"])  # seeded
+
+
+def test_balanced_sampler_shards_one_stream(toy_dataset):
+    spec = load_dataset(toy_dataset)
+    dataset = SliceDataset(spec, [c for c in spec.cases if c.split == "train"], PREPROCESS)
+    single = BalancedSampler(dataset, 400, seed=3, positive_fraction=0.7)
+    draws = list(single)
+    concepts = [dataset.triplets[i].concept for i in draws]
+    assert abs(concepts.count("Liver") - 200) < 40
+    liver = [dataset.triplets[i].positive for i in draws if dataset.triplets[i].concept == "Liver"]
+    assert 0.6 < np.mean(liver) < 0.8  # 0.7 positives where negatives exist (liver ends before the last slices)
+    assert all(dataset.triplets[i].positive for i in draws if dataset.triplets[i].concept == "Spleen")  # on every slice
+    ranks = [list(BalancedSampler(dataset, 200, seed=3, rank=r, world_size=2)) for r in range(2)]
+    interleaved = [x for pair in zip(*ranks) for x in pair]
+    assert interleaved == draws
+    single.set_epoch(1)
+    assert list(single) != draws

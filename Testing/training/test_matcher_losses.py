@@ -1,0 +1,96 @@
+"""Matching and losses against hand-built cases and independent implementations (torchvision)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torchvision.ops as tv
+
+from Training.losses import Criterion, LossWeights, dice_loss, sigmoid_focal_loss
+from Training.matcher import generalized_box_iou, hungarian_match, one_to_many_match
+from Training.model import DetectorOutputs
+
+
+def test_hungarian_is_optimal_on_hand_built_costs():
+    cost = torch.tensor([[4.0, 1.0, 3.0], [2.0, 0.0, 5.0], [3.0, 2.0, 2.0], [0.5, 9.0, 9.0]])
+    queries, targets = hungarian_match(cost)
+    best = min(sum(cost[q, t] for q, t in zip(perm, range(3))) for perm in itertools.permutations(range(4), 3))
+    assert list(targets) == [0, 1, 2]
+    assert float(cost[torch.as_tensor(queries), torch.as_tensor(targets)].sum()) == pytest.approx(float(best))
+    assert list(queries) == [3, 1, 2]
+
+
+def test_one_to_many_takes_the_k_cheapest_overlapping_queries():
+    target = torch.tensor([[0.2, 0.2, 0.6, 0.6]])
+    boxes = torch.tensor([[0.2, 0.2, 0.6, 0.6], [0.21, 0.2, 0.6, 0.6], [0.2, 0.22, 0.6, 0.6], [0.25, 0.25, 0.6, 0.6],
+                          [0.7, 0.7, 0.9, 0.9]])  # the last does not overlap
+    cost = torch.tensor([[0.0], [1.0], [2.0], [3.0], [-5.0]])  # the far box is "cheapest" but IoU 0
+    queries, targets = one_to_many_match(cost, boxes, target, k=3, iou_threshold=0.5)
+    # the one-to-one match (query 4, lowest cost) is always kept; the other two are the cheapest
+    # queries that overlap the target (0 and 1; 2 and 3 cost more, 4 does not overlap)
+    assert hungarian_match(cost)[0].tolist() == [4]
+    assert sorted(queries.tolist()) == [0, 1, 4] and set(targets.tolist()) == {0}
+
+
+def test_focal_giou_and_dice_equal_independent_implementations():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(5, 7), (torch.rand(5, 7) > 0.5).float()
+    torch.testing.assert_close(sigmoid_focal_loss(logits, targets),
+                               tv.sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0, reduction="none"))
+    a = torch.tensor([[0.1, 0.1, 0.5, 0.4], [0.3, 0.2, 0.9, 0.8]])
+    b = torch.tensor([[0.2, 0.0, 0.6, 0.5], [0.0, 0.0, 0.2, 0.2], [0.3, 0.2, 0.9, 0.8]])
+    torch.testing.assert_close(generalized_box_iou(a, b), tv.generalized_box_iou(a, b))
+    mask_logits, mask_targets = torch.randn(3, 8, 8), (torch.rand(3, 8, 8) > 0.5).float()
+    p = mask_logits.sigmoid().flatten(1)
+    expected = 1 - (2 * (p * mask_targets.flatten(1)).sum(1) + 1) / (p.sum(1) + mask_targets.flatten(1).sum(1) + 1)
+    torch.testing.assert_close(dice_loss(mask_logits, mask_targets), expected)
+
+
+def _outputs(boxes, present: bool, q: int = 4, layers: int = 2, size: int = 16, perfect: bool = True):
+    """Detector outputs that are perfect (or not) for one image with ``boxes`` (xyxy)."""
+    logits = torch.full((layers, 1, q), -30.0)
+    out_boxes = torch.tensor([[0.0, 0.0, 0.1, 0.1]]).repeat(layers, 1, q, 1)
+    masks = torch.full((1, q, size, size), -30.0)
+    semantic = torch.full((1, 1, size, size), -30.0)
+    target_masks = torch.zeros((len(boxes), 64, 64), dtype=torch.bool)
+    for n, box in enumerate(boxes):
+        x1, y1, x2, y2 = (np.asarray(box) * 64).round().astype(int)
+        target_masks[n, y1:y2, x1:x2] = True
+        if perfect:
+            logits[:, 0, n] = 30.0
+            out_boxes[:, 0, n] = torch.tensor(box)
+            small = torch.nn.functional.interpolate(target_masks[n][None, None].float(), size=(size, size), mode="area")[0, 0]
+            masks[0, n] = torch.where(small > 0.5, 30.0, -30.0)
+            semantic[0, 0] = torch.maximum(semantic[0, 0], masks[0, n])
+    presence = torch.full((layers, 1), 30.0 if present == perfect else -30.0)
+    return DetectorOutputs(logits, out_boxes, presence, masks, semantic), [{"boxes": torch.tensor(boxes).reshape(-1, 4),
+                                                                          "masks": target_masks}]
+
+
+def test_perfect_predictions_cost_almost_nothing_and_wrong_ones_do():
+    boxes = [[0.25, 0.25, 0.5, 0.75], [0.5, 0.0, 1.0, 0.25]]  # on the 16-px grid: exact area resampling
+    criterion = Criterion(LossWeights(o2m=0.0))
+    total, terms = criterion(*_outputs(boxes, present=True))
+    assert terms["l1"] < 1e-6 and terms["giou"] < 1e-6 and terms["class"] < 1e-6 and terms["presence"] < 1e-6
+    assert terms["mask"] < 1e-6 and terms["dice"] < 0.01 and terms["semantic"] < 1e-6
+    wrong, wrong_terms = criterion(*_outputs(boxes, present=True, perfect=False))
+    assert float(wrong) > 100 * float(total) + 1
+    negative, neg_terms = criterion(*_outputs([], present=False))  # concept absent, nothing predicted
+    assert neg_terms["class"] < 1e-6 and neg_terms["presence"] < 1e-6 and float(negative) < 1e-3
+
+
+def test_class_term_equals_direct_computation():
+    outputs, targets = _outputs([[0.25, 0.25, 0.5, 0.75]], present=True, perfect=False)
+    outputs.logits.normal_()
+    criterion = Criterion(LossWeights(o2m=0.0, aux=False))
+    _, terms = criterion(outputs, targets)
+    from Training.matcher import match_cost
+
+    q, _ = hungarian_match(match_cost(outputs.logits[-1, 0], outputs.boxes[-1, 0], targets[0]["boxes"]))
+    labels = torch.zeros(4)
+    labels[q] = 1
+    expected = tv.sigmoid_focal_loss(outputs.logits[-1, 0], labels, reduction="sum") / 1.0
+    assert terms["class"] == pytest.approx(float(expected), rel=1e-5)

@@ -1,0 +1,170 @@
+"""The training loop: per-layer outputs, overfitting, exact resume, DDP equivalence, export, configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from MedicalSAM3Core.common.errors import InputError
+from toydata import tiny_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_per_layer_outputs_end_with_the_models_own(toy_dataset, tmp_path):
+    from Training.data import collate
+    from Training.model import forward_all_layers
+    from Training.train import Trainer, tokenize
+
+    trainer = Trainer(tiny_config(toy_dataset, tmp_path))
+    batch = collate([trainer.train_set[i] for i in range(2)])
+    ids, mask = tokenize(trainer.bundle.tokenizer, batch["text"], "cpu")
+    trainer.detector.eval()
+    with torch.no_grad():
+        layers = forward_all_layers(trainer.detector, batch["pixel_values"], ids, mask)
+        plain = trainer.detector(pixel_values=batch["pixel_values"], input_ids=ids, attention_mask=mask)
+    n_layers = trainer.detector.config.detr_decoder_config.num_layers
+    assert layers.logits.shape[0] == layers.boxes.shape[0] == layers.presence.shape[0] == n_layers
+    torch.testing.assert_close(layers.logits[-1], plain.pred_logits)
+    torch.testing.assert_close(layers.boxes[-1], plain.pred_boxes)
+    torch.testing.assert_close(layers.presence[-1], plain.presence_logits.reshape(-1))
+    torch.testing.assert_close(layers.masks, plain.pred_masks)
+
+
+def test_parameter_groups_decay_by_layer_and_skip_norms(toy_dataset, tmp_path):
+    from Training.optim import lr_factor, parameter_groups
+
+    trainer = Trainer_ = __import__("Training.train", fromlist=["Trainer"]).Trainer(tiny_config(toy_dataset, tmp_path))
+    groups = parameter_groups(trainer.detector, 1e-4, 2e-4, 3e-4, layer_decay=0.5, weight_decay=0.05)
+    lr_of = {name: g["lr"] for g in groups for name in g["names"]}
+    wd_of = {name: g["weight_decay"] for g in groups for name in g["names"]}
+    last = len(trainer.detector.vision_encoder.backbone.layers) - 1
+    block = "vision_encoder.backbone.layers.{}.mlp.fc1.weight"
+    assert lr_of[block.format(last)] == pytest.approx(1e-4 * 0.5)
+    assert lr_of[block.format(0)] == pytest.approx(1e-4 * 0.5 ** (last + 1))
+    assert any(n.startswith("text_encoder") and lr == pytest.approx(2e-4) for n, lr in lr_of.items())
+    assert lr_of["dot_product_scoring.text_proj.weight"] == pytest.approx(3e-4)
+    assert all(wd == 0.0 for n, wd in wd_of.items() if n.endswith(".bias") or "norm" in n)
+    assert wd_of[block.format(0)] == 0.05
+    assert not any(n.startswith("geometry_encoder") for n in lr_of)  # frozen: text-only prompts
+    assert lr_factor(0, 10, 100) == pytest.approx(0.1) and lr_factor(9, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(99, 10, 100) < 0.02 and lr_factor(39, 10, 100, "inverse_sqrt") == pytest.approx(0.5)
+    del Trainer_
+
+
+@pytest.mark.slow
+def test_overfits_one_batch(toy_dataset, tmp_path):
+    """The tiny model (112 px) learns one fixed batch: Dice > 0.95 with the engine's decision rule."""
+    from MedicalSAM3Core.inference.engine import instance_confidence
+    from MedicalSAM3Core.preprocessing.layout import SliceLayout
+    from Training.data import collate
+    from Training.train import Trainer, tokenize
+
+    config = tiny_config(toy_dataset, tmp_path, steps=100)
+    config["model"].update(dropout=0.0, from_config={"image_size": 112, "global_attention": [1]})
+    config["optim"].update(warmup_steps=10, schedule="constant")
+    trainer = Trainer(config)
+    chosen = [i for i, t in enumerate(trainer.train_set.triplets) if t.positive and t.concept == "Liver"][1:3]
+    batch = collate([trainer.train_set[i] for i in chosen])
+    losses = [trainer.train_step(batch)["loss"] for _ in range(100)]
+    assert np.mean(losses[-10:]) < 0.2 * np.mean(losses[:5])
+    trainer.detector.eval()
+    with torch.no_grad():
+        ids, mask = tokenize(trainer.bundle.tokenizer, batch["text"], "cpu")
+        outputs = trainer.detector(pixel_values=batch["pixel_values"], input_ids=ids, attention_mask=mask)
+    confidence, _ = instance_confidence(outputs, SliceLayout.stretch((112, 112), 112), 0.5, 0.5)
+    predicted, truth = confidence > 0, torch.stack([m.any(0) for m in batch["masks"]])
+    dice = float(2 * (predicted & truth).sum() / (predicted.sum() + truth.sum()))
+    assert dice > 0.95, dice
+
+
+def test_resume_reproduces_the_uninterrupted_run(toy_dataset, tmp_path):
+    from Training.train import Trainer
+
+    config = tiny_config(toy_dataset, tmp_path / "a", steps=6, epoch_steps=4)  # crosses an epoch boundary
+    straight = Trainer(config)
+    straight.run()
+    config_b = tiny_config(toy_dataset, tmp_path / "b", steps=6, epoch_steps=4)
+    first = Trainer(config_b)
+    first.run(stop_after=3)
+    assert first.step == 3 and not (tmp_path / "b" / "model").exists()
+    resumed = Trainer(config_b)
+    resumed.run(resume=True)
+    assert resumed.step == 6
+    for (name, a), (_, b) in zip(straight.detector.state_dict().items(), resumed.detector.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert (tmp_path / "b" / "model" / "medsam3_preprocessing.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_equal_one_process(toy_dataset, tmp_path):
+    """torchrun, 2 gloo processes x 1 sample == 1 process x 2 samples (same global batch)."""
+    from safetensors.torch import load_file
+
+    config = tiny_config(toy_dataset, tmp_path / "unused", steps=3, batch_size=2)
+    config["model"]["dropout"] = 0.0
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "Training.train", "--config", str(path), "--output",
+                             str(tmp_path / "one")], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "Training.train", "--config", str(path), "--output", str(tmp_path / "two")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
+    assert one.keys() == two.keys()
+    changed = 0
+    initial = __import__("Training.train", fromlist=["build_model"]).build_model(config["model"]).full.state_dict()
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5, msg=key)
+        changed += not torch.equal(one[key], initial[key]) if key in initial else 0
+    assert changed > 50  # the runs trained something
+
+
+def test_exported_model_segments_with_the_engine(toy_dataset, tmp_path):
+    from MedicalSAM3Core.common.options import SegmentOptions
+    from MedicalSAM3Core.imaging.io import read_volume
+    from MedicalSAM3Core.inference.engine import Segmenter
+    from MedicalSAM3Core.inference.models import load_model
+    from Training.train import Trainer
+
+    config = tiny_config(toy_dataset, tmp_path, steps=2)
+    config["model"]["preprocessing"] = {"field_of_view_mm": 100.0}
+    Trainer(config).run()
+    model = load_model(str(tmp_path / "model"), device="cpu")
+    assert model.preprocessing == {"field_of_view_mm": 100.0} and model.video is not None
+    volume = read_volume(toy_dataset.parent / "case2.nii.gz")
+    result = Segmenter(model).segment(volume, ["liver"], SegmentOptions(mode="slices"))
+    assert result.shape == volume.shape and result.geometry == volume.geometry
+
+
+def test_config_errors_name_the_problem(toy_dataset, tmp_path):
+    from Training.train import load_config
+
+    def write(content: dict) -> Path:
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(content))
+        return path
+
+    model = {"from_config": {"image_size": 56}}
+    cases = [({"model": model}, "data.dataset"), ({"model": model, "data": {"dataset": str(toy_dataset)}, "trian": {}},
+                                                  "unknown section 'trian'"),
+             ({"model": model, "data": {"dataset": str(toy_dataset)}, "train": {"stpes": 3}}, "stpes"),
+             ({"model": {**model, "init": "x"}, "data": {"dataset": str(toy_dataset)}}, "exactly one")]
+    for content, message in cases:
+        with pytest.raises(InputError, match=message):
+            load_config(write(content))
+    from Training.train import main
+
+    assert main(["--config", str(write({"model": model, "data": {"dataset": str(tmp_path / "none.json")}})),
+                 "--output", str(tmp_path / "o")]) == 2

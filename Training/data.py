@@ -1,0 +1,351 @@
+"""Training data: (image, text, masks) triplets from labelled 3D volumes, fed exactly like inference.
+
+Dataset JSON (one file per dataset; paths relative to the JSON's folder unless absolute)::
+
+    {
+      "name": "TotalSegmentator sample",
+      "modality": "CT",                          # optional: CT, MR, ... (default: detected)
+      "labels": {"5": "liver", "1": "spleen",    # label value -> concept (name or synonym of the
+                 "27": "vertebra", "28": "vertebra"},   prompt dictionary); several values may
+                                                 # share a concept: each is one instance of it
+      "ignore_other_labels": false,              # true: values not in "labels" count as background
+      "cases": [
+        {"id": "ct01", "image": "imagesTr/ct01.nii.gz", "label": "labelsTr/ct01.nii.gz",
+         "split": "train"},                      # split: train | val (default train)
+        ...
+      ]
+    }
+
+Images and label maps are read with :func:`MedicalSAM3Core.imaging.io.read_volume` (NIfTI, NRRD,
+MHA, DICOM folders) and must share their voxel grid. :func:`load_dataset` checks everything before
+any training starts and raises ONE :class:`InputError` that lists every problem.
+
+Each sample is one axial slice (array axis 0 = k), one concept of the dataset, its instances
+(one per label value present; masks at the model canvas resolution) or none (a negative: the
+concept is absent from this slice; target presence 0). Pixels go through the engine's own path:
+:func:`spec_for` (CT window per concept, MR percentiles over the whole volume),
+:class:`SliceLayout` (the model's field-of-view policy) and :func:`to_model_input`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from MedicalSAM3Core.common.errors import InputError
+from MedicalSAM3Core.common.prompts import PromptDictionary, default_dictionary
+from MedicalSAM3Core.common.volume import Volume
+from MedicalSAM3Core.imaging.io import read_volume
+from MedicalSAM3Core.preprocessing.intensity import (DEFAULT_PERCENTILES, IntensitySpec, detect_modality,
+                                                     spec_for, to_model_input)
+from MedicalSAM3Core.preprocessing.layout import SliceLayout, pixel_spacing
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    image: Path
+    label: Path
+    split: str = "train"
+
+
+@dataclass
+class DatasetSpec:
+    """A validated dataset JSON: concepts are canonical names of the prompt dictionary."""
+
+    name: str
+    labels: dict[int, str]  # label value -> canonical concept name
+    cases: list[Case]
+    modality: Optional[str] = None
+
+    @property
+    def concepts(self) -> list[str]:
+        return sorted(set(self.labels.values()))
+
+
+def load_dataset(path: Path | str, dictionary: Optional[PromptDictionary] = None,
+                 check_images: bool = True) -> DatasetSpec:
+    """Read and validate a dataset JSON; every problem is reported at once."""
+    path = Path(path)
+    dictionary = dictionary or default_dictionary()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise InputError(f"cannot read dataset file {path}: {error}") from None
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path} is not valid JSON: {error}") from None
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: the dataset must be a JSON object with 'labels' and 'cases'")
+    labels: dict[int, str] = {}
+    raw_labels = data.get("labels")
+    if not isinstance(raw_labels, dict) or not raw_labels:
+        problems.append("'labels' must map label values to concept names, e.g. {\"1\": \"liver\"}")
+        raw_labels = {}
+    for key, name in raw_labels.items():
+        try:
+            value = int(key)
+            if value <= 0:
+                raise ValueError
+        except ValueError:
+            problems.append(f"label value {key!r} is not a positive integer")
+            continue
+        concept = dictionary.lookup(name) if isinstance(name, str) else None
+        if concept is None:
+            hint = dictionary.suggest(name) if isinstance(name, str) else ()
+            problems.append(f"label {value}: {name!r} is not a concept of the prompt dictionary"
+                            + (f" (did you mean {', '.join(hint)}?)" if hint else ""))
+            continue
+        labels[value] = concept.name
+    cases, seen = [], set()
+    raw_cases = data.get("cases")
+    if not isinstance(raw_cases, list) or not raw_cases:
+        problems.append("'cases' must be a non-empty list of {id, image, label[, split]}")
+        raw_cases = []
+    for index, item in enumerate(raw_cases):
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("id", "image", "label")):
+            problems.append(f"case #{index}: needs string fields id, image and label")
+            continue
+        if item["id"] in seen:
+            problems.append(f"case {item['id']!r} appears twice")
+        seen.add(item["id"])
+        split = item.get("split", "train")
+        if split not in ("train", "val"):
+            problems.append(f"case {item['id']!r}: split must be 'train' or 'val', got {split!r}")
+        image, label = (Path(item[k]) if Path(item[k]).is_absolute() else path.parent / item[k]
+                        for k in ("image", "label"))
+        for kind, file in (("image", image), ("label map", label)):
+            if not file.exists():
+                problems.append(f"case {item['id']!r}: {kind} {file} does not exist")
+        cases.append(Case(item["id"], image, label, split))
+    modality = data.get("modality")
+    if modality is not None and not isinstance(modality, str):
+        problems.append("'modality' must be a string such as 'CT' or 'MR'")
+    ignore_other = data.get("ignore_other_labels", False)
+    if not isinstance(ignore_other, bool):
+        problems.append("'ignore_other_labels' must be true or false")
+    if check_images and not problems:
+        for case in cases:
+            problems.extend(_check_case(case, labels, ignore_other))
+    if problems:
+        raise InputError(f"dataset {path} has {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+    return DatasetSpec(str(data.get("name", path.stem)), labels, cases, modality)
+
+
+def _check_case(case: Case, labels: dict[int, str], ignore_other: bool = False) -> list[str]:
+    try:
+        image, label = read_volume(case.image), read_volume(case.label)
+    except InputError as error:
+        return [f"case {case.id!r}: {error}"]
+    problems = []
+    if image.shape != label.shape:
+        problems.append(f"case {case.id!r}: image shape {image.shape} != label shape {label.shape} (z, y, x)")
+    g1, g2 = image.geometry, label.geometry
+    if not (np.allclose(g1.spacing, g2.spacing, rtol=1e-4, atol=1e-4) and np.allclose(g1.origin, g2.origin, atol=1e-2)
+            and np.allclose(g1.direction, g2.direction, atol=1e-4)):
+        problems.append(f"case {case.id!r}: image and label map are not on the same grid "
+                        f"(spacing {g1.spacing} vs {g2.spacing}, origin {g1.origin} vs {g2.origin})")
+    if not np.issubdtype(label.array.dtype, np.integer) and not np.all(np.mod(label.array, 1) == 0):
+        problems.append(f"case {case.id!r}: label map has non-integer values")
+    unknown = sorted(set(np.unique(label.array).astype(int).tolist()) - set(labels) - {0})
+    if unknown and not ignore_other:
+        problems.append(f"case {case.id!r}: label values {unknown} are not in 'labels' (map them, or set "
+                        "\"ignore_other_labels\": true to treat them as background)")
+    return problems
+
+
+# -- augmentation ----------------------------------------------------------------------------------
+@dataclass
+class Augment:
+    """Training-time augmentation, seeded per sample. All default to off (``Augment()`` is identity)."""
+
+    scale: tuple[float, float] = (1.0, 1.0)  # canvas zoom: <1 shows more around the body (table, arms)
+    shift: float = 0.0  # random translation, fraction of the canvas
+    window_jitter: float = 0.0  # CT: level and width moved by up to this fraction of the width
+    noise: float = 0.0  # gaussian noise, fraction of the window width
+
+    @property
+    def active(self) -> bool:
+        return self.scale != (1.0, 1.0) or self.shift > 0 or self.window_jitter > 0 or self.noise > 0
+
+
+def _jitter_layout(layout: SliceLayout, augment: Augment, rng: np.random.Generator) -> SliceLayout:
+    s = math.exp(rng.uniform(math.log(augment.scale[0]), math.log(augment.scale[1])))
+    resized = tuple(max(1, int(round(n * s))) for n in layout.resized)
+    size = layout.image_size
+    shift = [int(round(rng.uniform(-augment.shift, augment.shift) * size)) for _ in range(2)]
+    offset = tuple((size - n) // 2 + d for n, d in zip(resized, shift))
+    return replace(layout, resized=resized, offset=offset)
+
+
+# -- datasets ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Triplet:
+    case: int
+    slice: int
+    concept: str
+    positive: bool
+
+
+@dataclass
+class SliceDataset(Dataset):
+    """Every (slice, concept) pair of the cases of one split; see the module docstring.
+
+    ``preprocess``: ``image_size``, ``mean``, ``std`` and the model's ``medsam3_preprocessing.json``
+    keys (``window``, ``field_of_view_mm``). ``seed`` + the item index seed the augmentation.
+    """
+
+    spec: DatasetSpec
+    cases: list[Case]
+    preprocess: dict
+    augment: Augment = field(default_factory=Augment)
+    min_area: int = 4  # instances smaller than this many canvas pixels are dropped
+    seed: int = 0
+    cache_size: int = 4
+    dictionary: PromptDictionary = field(default_factory=default_dictionary)
+
+    def __post_init__(self) -> None:
+        self._cache: OrderedDict[int, tuple[Volume, np.ndarray, str]] = OrderedDict()
+        self._values = {c: sorted(v for v, name in self.spec.labels.items() if name == c) for c in self.spec.concepts}
+        self.triplets: list[Triplet] = []
+        for index, case in enumerate(self.cases):
+            label = read_volume(case.label).array
+            for k in range(label.shape[0]):
+                present = set(np.unique(label[k]).tolist())
+                for concept, values in self._values.items():
+                    self.triplets.append(Triplet(index, k, concept, bool(present & set(values))))
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.triplets)
+
+    def _volume(self, index: int) -> tuple[Volume, np.ndarray, str]:
+        if index not in self._cache:
+            image = read_volume(self.cases[index].image)
+            label = read_volume(self.cases[index].label).array
+            modality = detect_modality(image.array, self.spec.modality or image.modality)
+            self._cache[index] = (image, label, modality)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(index)
+        return self._cache[index]
+
+    def intensity(self, image: Volume, modality: str, concept: str) -> IntensitySpec:
+        """The window the engine would use for this concept (same function, same arguments)."""
+        resolved = self.dictionary.lookup(concept)
+        fixed = self.preprocess.get("window")
+        return spec_for(modality, image.array, fixed, resolved.ct_window if resolved else None,
+                        self.preprocess.get("percentiles", DEFAULT_PERCENTILES))
+
+    def __getitem__(self, item: int) -> dict:
+        triplet = self.triplets[item]
+        image, label, modality = self._volume(triplet.case)
+        rng = np.random.default_rng([self.seed, self.epoch, item])
+        size = int(self.preprocess["image_size"])
+        raw = np.asarray(image.array[triplet.slice], dtype=np.float32)
+        layout = SliceLayout.from_policy(self.preprocess, raw.shape, pixel_spacing(image.geometry.spacing, 0), size)
+        spec = self.intensity(image, modality, triplet.concept)
+        if self.augment.active:
+            layout = _jitter_layout(layout, self.augment, rng)
+            width = spec.high - spec.low
+            if self.augment.window_jitter and modality == "CT":
+                j = self.augment.window_jitter * width
+                spec = IntensitySpec(spec.name, spec.low + rng.uniform(-j, j), spec.high + rng.uniform(-j, j))
+            if self.augment.noise:
+                raw = raw + rng.normal(0.0, self.augment.noise * width, raw.shape).astype(np.float32)
+        pixel_values = to_model_input(torch.from_numpy(raw)[None], spec, size, self.preprocess["mean"],
+                                      self.preprocess["std"], layout)[0]
+        masks = []
+        for value in self._values[triplet.concept]:
+            instance = label[triplet.slice] == value
+            if not instance.any():
+                continue
+            placed = layout.place(torch.from_numpy(instance.astype(np.float32))[None, None], antialias=False)[0, 0] > 0.5
+            if int(placed.sum()) >= self.min_area:
+                masks.append(placed)
+        masks_t = torch.stack(masks) if masks else torch.zeros((0, size, size), dtype=torch.bool)
+        return {"pixel_values": pixel_values, "text": triplet.concept, "concept": triplet.concept,
+                "masks": masks_t, "boxes": masks_to_boxes(masks_t), "case": self.cases[triplet.case].id,
+                "slice_index": triplet.slice}
+
+
+def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """``(N, S, S)`` bool -> ``(N, 4)`` normalised ``(x1, y1, x2, y2)`` enclosing each mask's pixels."""
+    size = masks.shape[-1]
+    boxes = torch.zeros((masks.shape[0], 4), dtype=torch.float32)
+    for n, mask in enumerate(masks):
+        rows = torch.nonzero(mask.any(1)).flatten()
+        cols = torch.nonzero(mask.any(0)).flatten()
+        boxes[n] = torch.tensor([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=torch.float32) / size
+    return boxes
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack pixel values ``(B, 3, S, S)``; keep per-sample lists for the rest."""
+    batch = {"pixel_values": torch.stack([i["pixel_values"] for i in items])}
+    for key in items[0]:
+        if key != "pixel_values":
+            batch[key] = [i[key] for i in items]
+    return batch
+
+
+class BalancedSampler(Sampler[int]):
+    """Concepts drawn uniformly; within a concept a positive slice with probability
+    ``positive_fraction``, else a negative one. Deterministic for (seed, epoch); each rank draws
+    its own disjoint share of one global stream, so ``world_size`` ranks x ``n`` samples equal one
+    process drawing ``world_size * n``."""
+
+    def __init__(self, dataset: SliceDataset, num_samples: int, seed: int = 0, positive_fraction: float = 0.7,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.dataset, self.num_samples, self.seed = dataset, num_samples, seed
+        self.positive_fraction, self.rank, self.world_size = positive_fraction, rank, world_size
+        self.epoch = 0
+        self.pools: dict[tuple[str, bool], np.ndarray] = {}
+        for index, t in enumerate(dataset.triplets):
+            self.pools.setdefault((t.concept, t.positive), []).append(index)
+        self.pools = {k: np.asarray(v) for k, v in self.pools.items()}
+        self.concepts = sorted({c for c, _ in self.pools})
+        missing = [c for c in self.concepts if (c, True) not in self.pools]
+        if missing:
+            raise InputError(f"no training slice contains {', '.join(missing)}; remove the concept(s) or add data")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def global_stream(self) -> list[int]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        draws = []
+        for _ in range(self.num_samples * self.world_size):
+            concept = self.concepts[rng.integers(len(self.concepts))]
+            positive = rng.random() < self.positive_fraction or (concept, False) not in self.pools
+            pool = self.pools[(concept, positive)]
+            draws.append(int(pool[rng.integers(len(pool))]))
+        return draws
+
+    def __iter__(self):
+        return iter(self.global_stream()[self.rank::self.world_size])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def build_datasets(data_cfg: dict, preprocess: dict) -> tuple[SliceDataset, Optional[SliceDataset]]:
+    """Train and validation datasets from the ``data:`` section of a training config."""
+    spec = load_dataset(data_cfg["dataset"])
+    augment = Augment(**data_cfg.get("augment", {}))
+    common = dict(preprocess=preprocess, min_area=int(data_cfg.get("min_area", 4)), seed=int(data_cfg.get("seed", 0)))
+    train_cases = [c for c in spec.cases if c.split == "train"]
+    val_cases = [c for c in spec.cases if c.split == "val"]
+    if not train_cases:
+        raise InputError(f"dataset {data_cfg['dataset']} has no case with split 'train'")
+    train = SliceDataset(spec, train_cases, augment=augment, **common)
+    val = SliceDataset(spec, val_cases, **common) if val_cases else None
+    return train, val

@@ -1,0 +1,414 @@
+"""``medsam3-train``: full fine-tuning of SAM3's detector on text-prompted medical slices.
+
+    medsam3-train --config Training/configs/demo.yaml
+    torchrun --nproc-per-node 4 -m Training.train --config Training/configs/full.yaml
+
+One process per GPU (DDP; NCCL on GPU, gloo on CPU). A run folder holds ``config.yaml``,
+``checkpoint.pt`` (model, optimizer, step, RNG: ``--resume`` continues exactly where it stopped),
+``metrics.jsonl``, TensorBoard logs (when ``tensorboard`` is installed) and, at the end,
+``model/``: a transformers-format folder that ``medsam3 segment --model`` and the Slicer module
+load directly (with ``medsam3_preprocessing.json``, so the engine feeds it what it was trained on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from MedicalSAM3Core.common.errors import InputError, MedSAM3Error
+
+from .data import BalancedSampler, SliceDataset, build_datasets, collate
+from .losses import Criterion, LossWeights
+from .matcher import MatchCosts
+from .model import forward_all_layers
+from .optim import build_optimizer, lr_factor, parameter_groups
+
+log = logging.getLogger("medsam3.train")
+
+DEFAULTS = {
+    "model": {"init": None, "from_config": None, "preprocessing": {}, "seed": 0, "dropout": None},
+    "data": {},
+    "optim": {"lr_backbone": 5e-5, "lr_text": 5e-5, "lr_heads": 3e-4, "layer_decay": 0.85, "weight_decay": 0.05,
+              "warmup_steps": 100, "schedule": "cosine", "grad_clip": 0.1, "betas": [0.9, 0.999], "eps": 1e-8},
+    "loss": {"weights": {}, "costs": {}, "o2m_k": 4, "o2m_iou": 0.5},
+    "train": {"steps": 1000, "batch_size": 4, "epoch_steps": 100, "val_every": 0, "val_slices": 64,
+              "checkpoint_every": 100, "log_every": 10, "output": "runs/medsam3", "seed": 0, "device": "auto",
+              "num_workers": 0, "positive_fraction": 0.7},
+}
+
+
+def load_config(path: Path | str) -> dict:
+    """A training config (YAML) merged over :data:`DEFAULTS`; unknown sections or keys are errors."""
+    import yaml
+
+    path = Path(path)
+    try:
+        user = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise InputError(f"cannot read config {path}: {error}") from None
+    config = copy.deepcopy(DEFAULTS)
+    for section, values in user.items():
+        if section not in config:
+            raise InputError(f"{path}: unknown section {section!r}; sections: {', '.join(config)}")
+        if not isinstance(values, dict):
+            raise InputError(f"{path}: section {section!r} must be a mapping")
+        if section not in ("data",):
+            unknown = set(values) - set(config[section])
+            if unknown:
+                raise InputError(f"{path}: unknown key(s) in {section}: {', '.join(sorted(unknown))}")
+        config[section].update(values)
+    dataset = config["data"].get("dataset")
+    if not dataset:
+        raise InputError(f"{path}: data.dataset (a dataset JSON) is required")
+    if not Path(dataset).is_absolute():
+        config["data"]["dataset"] = str((path.parent / dataset).resolve()) if (path.parent / dataset).exists() \
+            else str(Path(dataset).resolve())
+    if bool(config["model"]["init"]) == bool(config["model"]["from_config"]):
+        raise InputError(f"{path}: give exactly one of model.init (a model folder or hub id to fine-tune) or "
+                         "model.from_config (sizes of a model trained from scratch)")
+    return config
+
+
+# -- model ---------------------------------------------------------------------------------------
+@dataclass
+class ModelBundle:
+    full: torch.nn.Module  # what gets saved: Sam3VideoModel (detector + tracker) or Sam3Model
+    detector: torch.nn.Module  # the Sam3Model being trained
+    tokenizer: object
+    preprocess: dict
+
+
+def build_model(model_cfg: dict) -> ModelBundle:
+    from transformers import AutoTokenizer, Sam3Model, Sam3VideoModel
+
+    from MedicalSAM3Core.inference.models import read_preprocessing, resolve_model_dir
+    from MedicalSAM3Core.inference.tiny import build_offline_tokenizer, small_video_config
+    from MedicalSAM3Core.preprocessing.intensity import SAM3_MEAN, SAM3_STD
+
+    torch.manual_seed(int(model_cfg.get("seed", 0)))
+    preprocessing: dict = {}
+    if model_cfg.get("init"):
+        folder = resolve_model_dir(str(model_cfg["init"]))
+        kind = json.loads((folder / "config.json").read_text()).get("model_type")
+        full = Sam3VideoModel.from_pretrained(folder) if kind == "sam3_video" else Sam3Model.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        preprocessing = read_preprocessing(folder)
+    else:
+        full = Sam3VideoModel(small_video_config(**model_cfg["from_config"]))
+        tokenizer = build_offline_tokenizer()
+    detector = full.detector_model if hasattr(full, "detector_model") else full
+    if model_cfg.get("dropout") is not None:  # e.g. 0 for bit-reproducible comparisons
+        for module in detector.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = float(model_cfg["dropout"])
+    for param in detector.geometry_encoder.parameters():  # text-only prompts: the box encoder gets no signal
+        param.requires_grad_(False)
+    preprocessing.update(model_cfg.get("preprocessing") or {})
+    preprocess = {"image_size": int(detector.config.image_size), "mean": list(SAM3_MEAN), "std": list(SAM3_STD),
+                  **preprocessing}
+    return ModelBundle(full, detector, tokenizer, preprocess)
+
+
+def freeze_unused(bundle: ModelBundle, device) -> list[str]:
+    """Freeze the parameters that the text-prompted detector never uses (one probe forward and
+    backward finds them: e.g. the FPN level only the tracker reads, the unused text projection).
+    DDP requires every trainable parameter to get a gradient in every step."""
+    size = bundle.preprocess["image_size"]
+    ids, mask = tokenize(bundle.tokenizer, ["liver"], device)
+    out = forward_all_layers(bundle.detector, torch.zeros((1, 3, size, size), device=device), ids, mask)
+    probe = out.logits.sum() + out.boxes.sum() + out.presence.sum() + out.masks.sum()
+    (probe + (out.semantic.sum() if out.semantic is not None else 0)).backward()
+    frozen = []
+    for name, param in bundle.detector.named_parameters():
+        if param.requires_grad and param.grad is None:
+            param.requires_grad_(False)
+            frozen.append(name)
+        param.grad = None
+    return frozen
+
+
+def tokenize(tokenizer, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = tokenizer(texts, return_tensors="pt", padding="max_length", max_length=32, truncation=True)
+    return tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+
+
+def export_model(bundle: ModelBundle, folder: Path, config: dict, metrics: Optional[dict] = None) -> Path:
+    """Write ``folder`` in transformers format + our preprocessing file; written beside and renamed."""
+    import shutil
+
+    folder = Path(folder)
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    bundle.full.save_pretrained(staging)
+    bundle.tokenizer.save_pretrained(staging)
+    keep = {k: v for k, v in bundle.preprocess.items() if k in ("window", "field_of_view_mm")}
+    (staging / "medsam3_preprocessing.json").write_text(json.dumps(keep, indent=2) + "\n")
+    (staging / "training.json").write_text(json.dumps({"config": config, "metrics": metrics or {}}, indent=2) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(staging, folder)
+    return folder
+
+
+# -- distributed ---------------------------------------------------------------------------------
+def _distributed() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return (dist.get_rank() if world > 1 else 0), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(name)
+
+
+# -- validation ----------------------------------------------------------------------------------
+@torch.no_grad()
+def validate(detector, tokenizer, dataset: SliceDataset, device, max_slices: int = 64, score_threshold: float = 0.5,
+             batch_size: int = 8) -> dict[str, float]:
+    """Per-concept Dice over validation slices (pooled: 2 sum|P & G| / (sum|P| + sum|G|)), with the
+    engine's own decision rule (best instance above ``score_threshold``, mask probability > 0.5)."""
+    from MedicalSAM3Core.inference.engine import instance_confidence
+    from MedicalSAM3Core.preprocessing.layout import SliceLayout
+
+    was_training = detector.training
+    detector.eval()
+    by_concept: dict[str, list[int]] = {}
+    for index, triplet in enumerate(dataset.triplets):
+        by_concept.setdefault(triplet.concept, []).append(index)
+    stats: dict[str, list[float]] = {}
+    size = int(dataset.preprocess["image_size"])
+    layout = SliceLayout.stretch((size, size), size)
+    for concept, indices in by_concept.items():
+        chosen = [indices[i] for i in np.linspace(0, len(indices) - 1, min(max_slices, len(indices))).round().astype(int)]
+        inter = total = 0.0
+        for start in range(0, len(chosen), batch_size):
+            items = [dataset[i] for i in chosen[start:start + batch_size]]
+            batch = collate(items)
+            ids, mask = tokenize(tokenizer, batch["text"], device)
+            outputs = detector(pixel_values=batch["pixel_values"].to(device), input_ids=ids, attention_mask=mask)
+            conf, _ = instance_confidence(outputs, layout, score_threshold, 0.5, "best")
+            predicted = (conf > 0).cpu()
+            truth = torch.stack([m.any(0) if len(m) else torch.zeros((size, size), dtype=torch.bool)
+                                 for m in batch["masks"]])
+            inter += float((predicted & truth).sum())
+            total += float(predicted.sum() + truth.sum())
+        stats[concept] = 2 * inter / total if total else 1.0
+    detector.train(was_training)
+    return stats
+
+
+# -- training ------------------------------------------------------------------------------------
+class Trainer:
+    """Builds everything from a config; :meth:`run` trains to ``train.steps`` (resuming if asked)."""
+
+    def __init__(self, config: dict, output: Optional[Path] = None, datasets=None) -> None:
+        self.config = config
+        t = config["train"]
+        self.rank, self.world, local_rank = _distributed()
+        self.device = _device(t["device"], local_rank)
+        self.output = Path(output or t["output"])
+        self.bundle = build_model(config["model"])
+        self.bundle.full.to(self.device)
+        self.detector = self.bundle.detector
+        self.detector.train()
+        frozen = freeze_unused(self.bundle, self.device)
+        if frozen and self.rank == 0:
+            log.info("%d parameter tensors get no gradient from text prompts and stay fixed: %s", len(frozen),
+                     ", ".join(frozen[:6]) + (" ..." if len(frozen) > 6 else ""))
+        if datasets is None:
+            datasets = build_datasets(config["data"], self.bundle.preprocess)
+        self.train_set, self.val_set = datasets
+        if t["batch_size"] % self.world:
+            raise InputError(f"train.batch_size {t['batch_size']} is not divisible by {self.world} processes")
+        self.local_batch = t["batch_size"] // self.world
+        self.sampler = BalancedSampler(self.train_set, t["epoch_steps"] * self.local_batch, seed=t["seed"],
+                                       positive_fraction=t["positive_fraction"], rank=self.rank, world_size=self.world)
+        o = config["optim"]
+        groups = parameter_groups(self.detector, o["lr_backbone"], o["lr_text"], o["lr_heads"], o["layer_decay"],
+                                  o["weight_decay"])
+        self.optimizer = build_optimizer(groups, o["betas"], o["eps"])
+        loss = config["loss"]
+        self.criterion = Criterion(LossWeights(**loss["weights"]), MatchCosts(**loss["costs"]), loss["o2m_k"],
+                                   loss["o2m_iou"])
+        self.model = self.detector
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(self.detector, device_ids=[self.device.index]
+                                                 if self.device.type == "cuda" else None)
+        self.step = 0
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                         else torch.autocast("cpu", enabled=False))
+        self.writer = None
+
+    # checkpoints ---------------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.output / "checkpoint.pt"
+
+    def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        self.output.mkdir(parents=True, exist_ok=True)
+        state = {"model": self.detector.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                 "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        partial = self.checkpoint_path.with_suffix(".pt.partial")
+        torch.save(state, partial)
+        os.replace(partial, self.checkpoint_path)
+
+    def load_checkpoint(self, path: Optional[Path] = None) -> None:
+        path = Path(path or self.checkpoint_path)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise InputError(f"no checkpoint to resume from at {path}") from None
+        self.detector.load_state_dict(state["model"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    # loop ------------------------------------------------------------------------------------------
+    def _batches(self):
+        """Batches from the current step on; the data order depends only on (seed, step)."""
+        t = self.config["train"]
+        while True:
+            epoch, skip = divmod(self.step, t["epoch_steps"])
+            self.sampler.set_epoch(epoch)
+            self.train_set.epoch = epoch
+            # its own generator: creating a loader must not draw from the global RNG (dropout), or
+            # a resumed run would diverge from the uninterrupted one
+            loader = DataLoader(self.train_set, batch_size=self.local_batch, sampler=self.sampler,
+                                collate_fn=collate, num_workers=t["num_workers"],
+                                generator=torch.Generator().manual_seed(t["seed"] + epoch))
+            for index, batch in enumerate(loader):
+                if index >= skip:
+                    yield batch
+
+    def train_step(self, batch: dict) -> dict:
+        o = self.config["optim"]
+        factor = lr_factor(self.step, o["warmup_steps"], self.config["train"]["steps"], o["schedule"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        ids, mask = tokenize(self.bundle.tokenizer, batch["text"], self.device)
+        targets = [{"boxes": b, "masks": m} for b, m in zip(batch["boxes"], batch["masks"])]
+        with self.autocast:
+            outputs = forward_all_layers(self.model, batch["pixel_values"].to(self.device), ids, mask)
+        total, terms = self.criterion(outputs, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if o["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(self.detector.parameters(), o["grad_clip"])
+        self.optimizer.step()
+        self.step += 1
+        return {"loss": float(total.detach()), "lr_factor": factor, **terms}
+
+    def run(self, resume: bool = False, stop_after: Optional[int] = None) -> dict:
+        """Train until ``train.steps`` (or ``stop_after`` more steps); returns the last metrics."""
+        t = self.config["train"]
+        if resume:
+            self.load_checkpoint()
+        if self.rank == 0:
+            self.output.mkdir(parents=True, exist_ok=True)
+            self._open_writer()
+        target = t["steps"] if stop_after is None else min(t["steps"], self.step + stop_after)
+        metrics: dict = {}
+        progress = _progress(self.step, t["steps"], self.rank == 0)
+        started = time.monotonic()
+        for batch in self._batches():
+            if self.step >= target:
+                break
+            metrics = self.train_step(batch)
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}")
+            if self.rank == 0 and (self.step % t["log_every"] == 0 or self.step == target):
+                self._log({"step": self.step, "elapsed_s": time.monotonic() - started, **metrics})
+            if t["val_every"] and self.step % t["val_every"] == 0 and self.val_set is not None and self.rank == 0:
+                dice = validate(self.detector, self.bundle.tokenizer, self.val_set, self.device, t["val_slices"])
+                self._log({"step": self.step, "val_dice": dice, "val_mean_dice": float(np.mean(list(dice.values())))})
+            if t["checkpoint_every"] and self.step % t["checkpoint_every"] == 0:
+                self.save_checkpoint()
+        progress.close()
+        self.save_checkpoint()
+        if self.step >= t["steps"] and self.rank == 0:
+            export_model(self.bundle, self.output / "model", self.config, metrics)
+        if self.writer is not None:
+            self.writer.close()
+        return metrics
+
+    def _open_writer(self) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.info("tensorboard is not installed: metrics go to %s only", self.output / "metrics.jsonl")
+            return
+        self.writer = SummaryWriter(str(self.output / "tensorboard"))
+
+    def _log(self, record: dict) -> None:
+        with open(self.output / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(key, value, record["step"])
+                elif isinstance(value, dict):
+                    for name, v in value.items():
+                        self.writer.add_scalar(f"{key}/{name}", v, record["step"])
+
+
+def _progress(done: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, unit="step", disable=not enabled, file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="medsam3-train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, type=Path, help="training config (YAML), see Training/configs/")
+    parser.add_argument("--output", type=Path, help="run folder (default: train.output of the config)")
+    parser.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint.pt")
+    parser.add_argument("--steps", type=int, help="override train.steps")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="medsam3-train: %(message)s")
+    try:
+        config = load_config(args.config)
+        if args.steps:
+            config["train"]["steps"] = args.steps
+        trainer = Trainer(config, args.output)
+        if trainer.rank == 0:
+            trainer.output.mkdir(parents=True, exist_ok=True)
+            import yaml
+
+            (trainer.output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        trainer.run(resume=args.resume)
+        if trainer.rank == 0:
+            print(f"trained weights: {trainer.output / 'model'} (use: medsam3 segment --model {trainer.output / 'model'})")
+        return 0
+    except MedSAM3Error as error:
+        print(f"medsam3-train: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
