@@ -1,5 +1,5 @@
 # Two commands a new user needs:
-#   make demo   install, then segment a CT for "liver, spleen, aorta" and write a PNG overlay to open
+#   make demo   install, then segment the sample CT for "liver, spleen, aorta" and write a PNG overlay
 #   make test   install everything from scratch into .venv and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch torchvision
 DEMO_OUT ?= demo_output
 
-.PHONY: install test demo bench sample-data clean
+.PHONY: install test demo train-demo bench sample-data clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,16 +27,22 @@ sample-data: install
 test: install
 	$(BIN)/python -m pytest Testing
 
-# Until the trained demo model lands (issue 7), the demo runs the real pipeline on a real CT with
-# a tiny RANDOM-WEIGHT model: it shows the files and geometry, not a meaningful segmentation.
-demo: sample-data
+# The main job on the embedded default: the committed sample CT (Resources/sample), no download needed
+# after the install. Until the trained demo model lands in Resources/demo_model (issue 7), the demo runs
+# the real pipeline with a tiny RANDOM-WEIGHT model: it shows the files and geometry, not a segmentation.
+demo: install
 	rm -rf $(DEMO_OUT) && mkdir -p $(DEMO_OUT)
 	$(BIN)/medsam3 make-tiny-model $(DEMO_OUT)/tiny_random_model
-	$(BIN)/medsam3 segment "$$($(BIN)/python Resources/fetch_sample_data.py --print-dir)/example_ct_sm.nii.gz" \
-		--prompt "liver, spleen, aorta" --model $(DEMO_OUT)/tiny_random_model \
-		--threshold 0.2 --new-object-threshold 0.22 \
+	$(BIN)/medsam3 segment Resources/sample/example_ct_sm.nii.gz --prompt "liver, spleen, aorta" \
+		--model $(DEMO_OUT)/tiny_random_model --threshold 0.2 --new-object-threshold 0.22 \
 		-o $(DEMO_OUT)/example_ct_sm_seg.nii.gz --seg-nrrd --overlay
 	@echo "Open $(DEMO_OUT)/example_ct_sm_seg_overlay.png to look at the result."
+
+# Train the demo model (Training/configs/demo.yaml; about 40 minutes on 2 CPU cores) and evaluate it on
+# the hold-out scan
+train-demo: sample-data
+	$(BIN)/medsam3-train --config Training/configs/demo.yaml --output runs/demo
+	$(BIN)/python Training/examples/evaluate_demo.py --model runs/demo/model --output runs/demo/evaluation
 
 # Engine vs the per-prompt, per-slice baseline (CPU bench config, about 2 minutes on 2 cores);
 # results are recorded in Testing/benchmarks/RESULTS.md

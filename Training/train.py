@@ -46,7 +46,7 @@ DEFAULTS = {
     "loss": {"weights": {}, "costs": {}, "o2m_k": 4, "o2m_iou": 0.5},
     "train": {"steps": 1000, "batch_size": 4, "epoch_steps": 100, "val_every": 0, "val_slices": 64,
               "checkpoint_every": 100, "log_every": 10, "output": "runs/medsam3", "seed": 0, "device": "auto",
-              "num_workers": 0, "positive_fraction": 0.7},
+              "num_workers": 0, "positive_fraction": 0.7, "export_dtype": "float32"},
 }
 
 
@@ -146,13 +146,17 @@ def tokenize(tokenizer, texts: list[str], device) -> tuple[torch.Tensor, torch.T
 
 
 def export_model(bundle: ModelBundle, folder: Path, config: dict, metrics: Optional[dict] = None) -> Path:
-    """Write ``folder`` in transformers format + our preprocessing file; written beside and renamed."""
+    """Write ``folder`` in transformers format + our preprocessing file; written beside and renamed.
+    ``train.export_dtype`` float16 halves the files (the demo model must stay under 25 MB)."""
     import shutil
 
     folder = Path(folder)
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    bundle.full.save_pretrained(staging)
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
+        config["train"].get("export_dtype", "float32")]
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in bundle.full.state_dict().items()}
+    bundle.full.save_pretrained(staging, state_dict=state)  # stored in dtype; the engine loads float32
     bundle.tokenizer.save_pretrained(staging)
     keep = {k: v for k, v in bundle.preprocess.items() if k in ("window", "field_of_view_mm")}
     (staging / "medsam3_preprocessing.json").write_text(json.dumps(keep, indent=2) + "\n")
@@ -386,12 +390,22 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, help="run folder (default: train.output of the config)")
     parser.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint.pt")
     parser.add_argument("--steps", type=int, help="override train.steps")
+    parser.add_argument("--check-data", action="store_true",
+                        help="only validate the config and the dataset (every problem listed), then stop")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="medsam3-train: %(message)s")
     try:
         config = load_config(args.config)
         if args.steps:
             config["train"]["steps"] = args.steps
+        if args.check_data:
+            from .data import load_dataset
+
+            spec = load_dataset(config["data"]["dataset"])
+            splits = {s: sum(c.split == s for c in spec.cases) for s in ("train", "val")}
+            print(f"dataset {spec.name!r}: {splits['train']} training and {splits['val']} validation case(s), "
+                  f"concepts: {', '.join(spec.concepts)} - OK")
+            return 0
         trainer = Trainer(config, args.output)
         if trainer.rank == 0:
             trainer.output.mkdir(parents=True, exist_ok=True)

@@ -130,7 +130,11 @@ def _download(repo_id: str) -> Path:
 
 
 def load_model(source: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load a model folder or hub id onto ``device`` for inference."""
+    """Load a model folder or hub id onto ``device`` for inference.
+
+    Weights are always held in float32 (whatever precision they are stored in); on CUDA the
+    engine computes in bf16 autocast (``dtype``).
+    """
     from transformers import AutoTokenizer, Sam3Model, Sam3VideoModel
 
     model_dir = resolve_model_dir(source)
@@ -142,11 +146,11 @@ def load_model(source: str, device: str = "auto", dtype: str = "auto") -> Loaded
     torch_device = choose_device(device)
     try:
         if model_type == "sam3_video":
-            video = Sam3VideoModel.from_pretrained(model_dir).eval()
+            video = Sam3VideoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
             detector = video.detector_model
         elif model_type == "sam3":
             video = None
-            detector = Sam3Model.from_pretrained(model_dir).eval()
+            detector = Sam3Model.from_pretrained(model_dir, dtype=torch.float32).eval()
         else:
             raise ModelLoadError(f"{model_dir}: model_type {model_type!r} is not SAM3 (need 'sam3' or 'sam3_video')")
         tokenizer = AutoTokenizer.from_pretrained(model_dir)

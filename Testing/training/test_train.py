@@ -138,11 +138,20 @@ def test_exported_model_segments_with_the_engine(toy_dataset, tmp_path):
     from MedicalSAM3Core.inference.models import load_model
     from Training.train import Trainer
 
-    config = tiny_config(toy_dataset, tmp_path, steps=2)
+    from safetensors import safe_open
+
+    config = tiny_config(toy_dataset, tmp_path, steps=2, export_dtype="float16")
     config["model"]["preprocessing"] = {"field_of_view_mm": 100.0}
-    Trainer(config).run()
+    trainer = Trainer(config)
+    trainer.run()
+    with safe_open(str(tmp_path / "model" / "model.safetensors"), "pt") as stored:
+        key = "detector_model.dot_product_scoring.text_proj.weight"
+        assert stored.get_tensor(key).dtype == torch.float16
     model = load_model(str(tmp_path / "model"), device="cpu")
     assert model.preprocessing == {"field_of_view_mm": 100.0} and model.video is not None
+    loaded = model.detector.dot_product_scoring.text_proj.weight
+    assert loaded.dtype == torch.float32
+    torch.testing.assert_close(loaded, trainer.detector.dot_product_scoring.text_proj.weight.detach().half().float())
     volume = read_volume(toy_dataset.parent / "case2.nii.gz")
     result = Segmenter(model).segment(volume, ["liver"], SegmentOptions(mode="slices"))
     assert result.shape == volume.shape and result.geometry == volume.geometry
