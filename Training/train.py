@@ -39,7 +39,7 @@ from .optim import build_optimizer, lr_factor, parameter_groups
 log = logging.getLogger("medsam3.train")
 
 DEFAULTS = {
-    "model": {"init": None, "from_config": None, "preprocessing": {}, "seed": 0, "dropout": None},
+    "model": {"init": None, "from_config": None, "preprocessing": {}, "seed": 0, "dropout": None, "lora": None},
     "data": {},
     "optim": {"lr_backbone": 5e-5, "lr_text": 5e-5, "lr_heads": 3e-4, "layer_decay": 0.85, "weight_decay": 0.05,
               "warmup_steps": 100, "schedule": "cosine", "grad_clip": 0.1, "betas": [0.9, 0.999], "eps": 1e-8},
@@ -89,6 +89,7 @@ class ModelBundle:
     detector: torch.nn.Module  # the Sam3Model being trained
     tokenizer: object
     preprocess: dict
+    lora: Optional[object] = None  # peft LoraConfig when training adapters only
 
 
 def build_model(model_cfg: dict) -> ModelBundle:
@@ -119,7 +120,12 @@ def build_model(model_cfg: dict) -> ModelBundle:
     preprocessing.update(model_cfg.get("preprocessing") or {})
     preprocess = {"image_size": int(detector.config.image_size), "mean": list(SAM3_MEAN), "std": list(SAM3_STD),
                   **preprocessing}
-    return ModelBundle(full, detector, tokenizer, preprocess)
+    lora = None
+    if model_cfg.get("lora"):
+        from .lora import add_lora
+
+        lora = add_lora(detector, **model_cfg["lora"])
+    return ModelBundle(full, detector, tokenizer, preprocess, lora)
 
 
 def freeze_unused(bundle: ModelBundle, device) -> list[str]:
@@ -155,7 +161,13 @@ def export_model(bundle: ModelBundle, folder: Path, config: dict, metrics: Optio
     shutil.rmtree(staging, ignore_errors=True)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
         config["train"].get("export_dtype", "float32")]
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in bundle.full.state_dict().items()}
+    state = bundle.full.state_dict()
+    if bundle.lora is not None:  # adapters alone beside the model, and merged into it for inference
+        from .lora import merged_state_dict, save_adapter
+
+        save_adapter(bundle.detector, bundle.lora, folder.with_name("adapter"))
+        state = merged_state_dict(state, bundle.lora.lora_alpha / bundle.lora.r)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
     bundle.full.save_pretrained(staging, state_dict=state)  # stored in dtype; the engine loads float32
     bundle.tokenizer.save_pretrained(staging)
     keep = {k: v for k, v in bundle.preprocess.items() if k in ("window", "field_of_view_mm")}

@@ -177,3 +177,30 @@ def test_config_errors_name_the_problem(toy_dataset, tmp_path):
 
     assert main(["--config", str(write({"model": model, "data": {"dataset": str(tmp_path / "none.json")}})),
                  "--output", str(tmp_path / "o")]) == 2
+
+
+def test_lora_trains_only_adapters_and_exports_them_merged(toy_dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    from MedicalSAM3Core.inference.models import load_model
+    from Training.train import Trainer, build_model
+
+    config = tiny_config(toy_dataset, tmp_path / "run", steps=3)
+    config["model"]["lora"] = {"rank": 4, "alpha": 8}
+    initial = build_model({**config["model"], "lora": None}).detector.state_dict()
+    trainer = Trainer(config)
+    trainable = [n for n, p in trainer.detector.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    trainer.run()
+    # base weights untouched, adapters trained and saved alone
+    q = "vision_encoder.backbone.layers.0.attention.q_proj"
+    layer = trainer.detector.get_submodule(q)
+    torch.testing.assert_close(layer.base_layer.weight, initial[q + ".weight"])
+    adapter = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    # the exported model has W + (alpha / r) B A in place of each adapted weight, and loads in the engine
+    expected = layer.base_layer.weight + 2.0 * layer.lora_B.default.weight @ layer.lora_A.default.weight
+    assert not torch.allclose(expected, layer.base_layer.weight)
+    model = load_model(str(tmp_path / "run" / "model"), device="cpu")
+    torch.testing.assert_close(model.detector.get_submodule(q).weight, expected.detach())
