@@ -19,6 +19,7 @@ import SimpleITK as sitk
 
 from ..common.errors import InputError
 from ..common.result import SegmentationResult
+from ..common.terminology import terminology_string
 from ..common.volume import Volume
 from .io import image_from_array, staged_file, write_image
 
@@ -116,24 +117,11 @@ def seg_nrrd_image(result: SegmentationResult) -> sitk.Image:
             "LabelValue": str(label.value),
             "Layer": "0",
             "Extent": extent,
-            "Tags": _terminology_tag(label.terminology),
+            "Tags": f"TerminologyEntry:{terminology_string(label.terminology)}|" if label.terminology else "|",
         }
         for key, value in fields.items():
             image.SetMetaData(prefix + key, value)
     return image
-
-
-def _terminology_tag(terminology: Optional[dict]) -> str:
-    if not terminology:
-        return "|"
-    category, kind = terminology["category"], terminology["type"]
-    term = (f"Segmentation category and type - 3D Slicer General Anatomy list~"
-            f"{category['scheme']}^{category['code']}^{category['meaning']}~"
-            f"{kind['scheme']}^{kind['code']}^{kind['meaning']}~^^~")
-    region = terminology.get("region")
-    region_code = f"{region['scheme']}^{region['code']}^{region['meaning']}" if region else "^^"
-    term += f"Anatomic codes - DICOM master list~{region_code}~^^"
-    return f"TerminologyEntry:{term}|"
 
 
 def overlay_image(volume: Volume, result: SegmentationResult, n_slices: int = 3,

@@ -16,3 +16,18 @@ def test_common_package_imports_without_torch_or_simpleitk():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"torch-free modules imported: {out.stdout.strip()}"
+
+
+def test_slicer_scene_logic_imports_without_torch():
+    """The Slicer module's scene logic must work in a Slicer without PyTorch (remote backend)."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(repo / 'MedicalSAM3Slicer')!r})\n"
+        "import MedicalSAM3Lib.scene\n"
+        "print(','.join(m for m in ('torch', 'transformers', 'SimpleITK') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
+    assert out.stdout.strip() == "", f"torch-free modules imported: {out.stdout.strip()}"
