@@ -31,8 +31,12 @@ class DetectorOutputs:
 
 
 def forward_all_layers(detector: torch.nn.Module, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                       attention_mask: torch.Tensor) -> DetectorOutputs:
-    """Run ``detector`` (a ``Sam3Model``; may be wrapped by DDP) and collect every layer's outputs."""
+                       attention_mask: torch.Tensor, input_boxes: Optional[torch.Tensor] = None,
+                       input_boxes_labels: Optional[torch.Tensor] = None) -> DetectorOutputs:
+    """Run ``detector`` (a ``Sam3Model``; may be wrapped by DDP) and collect every layer's outputs.
+
+    ``input_boxes`` ``(B, N, 4)`` normalised cxcywh with ``input_boxes_labels`` ``(B, N)`` (1 positive,
+    -10 padding) add box prompts to the text, as SAM3's training does with some probability."""
     core = detector.module if hasattr(detector, "module") else detector
     captured: dict = {}
 
@@ -51,7 +55,8 @@ def forward_all_layers(detector: torch.nn.Module, pixel_values: torch.Tensor, in
                core.detr_decoder.box_head.register_forward_hook(on_box_head),
                core.detr_decoder.register_forward_hook(on_decoder)]
     try:
-        outputs = detector(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+        outputs = detector(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+                           input_boxes=input_boxes, input_boxes_labels=input_boxes_labels)
     finally:
         for handle in handles:
             handle.remove()

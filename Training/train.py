@@ -46,7 +46,8 @@ DEFAULTS = {
     "loss": {"weights": {}, "costs": {}, "o2m_k": 4, "o2m_iou": 0.5},
     "train": {"steps": 1000, "batch_size": 4, "epoch_steps": 100, "val_every": 0, "val_slices": 64,
               "checkpoint_every": 100, "log_every": 10, "output": "runs/medsam3", "seed": 0, "device": "auto",
-              "num_workers": 0, "positive_fraction": 0.7, "export_dtype": "float32"},
+              "num_workers": 0, "positive_fraction": 0.7, "export_dtype": "float32",
+              "box_prompt_probability": 0.0, "box_noise": 0.1},
 }
 
 
@@ -92,7 +93,7 @@ class ModelBundle:
     lora: Optional[object] = None  # peft LoraConfig when training adapters only
 
 
-def build_model(model_cfg: dict) -> ModelBundle:
+def build_model(model_cfg: dict, box_prompts: bool = False) -> ModelBundle:
     from transformers import AutoTokenizer, Sam3Model, Sam3VideoModel
 
     from MedicalSAM3Core.inference.models import read_preprocessing, resolve_model_dir
@@ -115,8 +116,9 @@ def build_model(model_cfg: dict) -> ModelBundle:
         for module in detector.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = float(model_cfg["dropout"])
-    for param in detector.geometry_encoder.parameters():  # text-only prompts: the box encoder gets no signal
-        param.requires_grad_(False)
+    if not box_prompts:  # text-only prompts: the box encoder gets no signal
+        for param in detector.geometry_encoder.parameters():
+            param.requires_grad_(False)
     preprocessing.update(model_cfg.get("preprocessing") or {})
     preprocess = {"image_size": int(detector.config.image_size), "mean": list(SAM3_MEAN), "std": list(SAM3_STD),
                   **preprocessing}
@@ -128,13 +130,17 @@ def build_model(model_cfg: dict) -> ModelBundle:
     return ModelBundle(full, detector, tokenizer, preprocess, lora)
 
 
-def freeze_unused(bundle: ModelBundle, device) -> list[str]:
+def freeze_unused(bundle: ModelBundle, device, box_prompts: bool = False) -> list[str]:
     """Freeze the parameters that the text-prompted detector never uses (one probe forward and
     backward finds them: e.g. the FPN level only the tracker reads, the unused text projection).
     DDP requires every trainable parameter to get a gradient in every step."""
     size = bundle.preprocess["image_size"]
     ids, mask = tokenize(bundle.tokenizer, ["liver"], device)
-    out = forward_all_layers(bundle.detector, torch.zeros((1, 3, size, size), device=device), ids, mask)
+    boxes = labels = None
+    if box_prompts:
+        boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2]]], device=device)
+        labels = torch.ones((1, 1), dtype=torch.long, device=device)
+    out = forward_all_layers(bundle.detector, torch.zeros((1, 3, size, size), device=device), ids, mask, boxes, labels)
     probe = out.logits.sum() + out.boxes.sum() + out.presence.sum() + out.masks.sum()
     (probe + (out.semantic.sum() if out.semantic is not None else 0)).backward()
     frozen = []
@@ -239,11 +245,12 @@ class Trainer:
         self.rank, self.world, local_rank = _distributed()
         self.device = _device(t["device"], local_rank)
         self.output = Path(output or t["output"])
-        self.bundle = build_model(config["model"])
+        self.box_prompts = float(t["box_prompt_probability"]) > 0
+        self.bundle = build_model(config["model"], self.box_prompts)
         self.bundle.full.to(self.device)
         self.detector = self.bundle.detector
         self.detector.train()
-        frozen = freeze_unused(self.bundle, self.device)
+        frozen = freeze_unused(self.bundle, self.device, self.box_prompts)
         if frozen and self.rank == 0:
             log.info("%d parameter tensors get no gradient from text prompts and stay fixed: %s", len(frozen),
                      ", ".join(frozen[:6]) + (" ..." if len(frozen) > 6 else ""))
@@ -266,8 +273,10 @@ class Trainer:
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
+            # with box prompts the box encoder is used in some steps only
             self.model = DistributedDataParallel(self.detector, device_ids=[self.device.index]
-                                                 if self.device.type == "cuda" else None)
+                                                 if self.device.type == "cuda" else None,
+                                                 find_unused_parameters=self.box_prompts)
         self.step = 0
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else torch.autocast("cpu", enabled=False))
@@ -326,8 +335,9 @@ class Trainer:
             group["lr"] = group["initial_lr"] * factor
         ids, mask = tokenize(self.bundle.tokenizer, batch["text"], self.device)
         targets = [{"boxes": b, "masks": m} for b, m in zip(batch["boxes"], batch["masks"])]
+        boxes, box_labels = self._box_prompts(batch["boxes"])
         with self.autocast:
-            outputs = forward_all_layers(self.model, batch["pixel_values"].to(self.device), ids, mask)
+            outputs = forward_all_layers(self.model, batch["pixel_values"].to(self.device), ids, mask, boxes, box_labels)
         total, terms = self.criterion(outputs, targets)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -336,6 +346,30 @@ class Trainer:
         self.optimizer.step()
         self.step += 1
         return {"loss": float(total.detach()), "lr_factor": factor, **terms}
+
+    def _box_prompts(self, boxes: list[torch.Tensor]):
+        """With ``train.box_prompt_probability``, one ground-truth box per sample (jittered by
+        ``train.box_noise`` of its size) as a visual prompt beside the text; None when unused.
+        Deterministic for (seed, step, rank), so a resumed run draws the same prompts."""
+        t = self.config["train"]
+        probability = float(t["box_prompt_probability"])
+        if probability <= 0:
+            return None, None
+        rng = np.random.default_rng([t["seed"], self.step, self.rank])
+        prompts = torch.zeros((len(boxes), 1, 4))
+        labels = torch.full((len(boxes), 1), -10, dtype=torch.long)  # -10: padding (no prompt)
+        for b, sample in enumerate(boxes):
+            if len(sample) and rng.random() < probability:
+                x1, y1, x2, y2 = sample[rng.integers(len(sample))].tolist()
+                w, h = x2 - x1, y2 - y1
+                cx, cy, w, h = ((x1 + x2) / 2 + rng.normal(0, t["box_noise"]) * w,
+                                (y1 + y2) / 2 + rng.normal(0, t["box_noise"]) * h,
+                                w * (1 + rng.normal(0, t["box_noise"])), h * (1 + rng.normal(0, t["box_noise"])))
+                prompts[b, 0] = torch.tensor([cx, cy, abs(w), abs(h)]).clamp(0, 1)
+                labels[b, 0] = 1
+        if not (labels == 1).any():
+            return None, None
+        return prompts.to(self.device), labels.to(self.device)
 
     def run(self, resume: bool = False, stop_after: Optional[int] = None) -> dict:
         """Train until ``train.steps`` (or ``stop_after`` more steps); returns the last metrics."""

@@ -204,3 +204,18 @@ def test_lora_trains_only_adapters_and_exports_them_merged(toy_dataset, tmp_path
     assert not torch.allclose(expected, layer.base_layer.weight)
     model = load_model(str(tmp_path / "run" / "model"), device="cpu")
     torch.testing.assert_close(model.detector.get_submodule(q).weight, expected.detach())
+
+
+def test_noisy_box_prompts_train_the_box_encoder(toy_dataset, tmp_path):
+    from Training.train import Trainer
+
+    config = tiny_config(toy_dataset, tmp_path, steps=3, box_prompt_probability=1.0)
+    trainer = Trainer(config)
+    encoder = {n: p.detach().clone() for n, p in trainer.detector.geometry_encoder.named_parameters()}
+    assert all(p.requires_grad for p in trainer.detector.geometry_encoder.parameters())
+    boxes, labels = trainer._box_prompts([torch.tensor([[0.2, 0.2, 0.6, 0.4]]), torch.zeros((0, 4))])
+    assert labels.tolist() == [[1], [-10]]  # a negative sample has nothing to prompt with
+    assert boxes[0, 0].tolist() == pytest.approx([0.4, 0.3, 0.4, 0.2], abs=0.15)
+    trainer.run()
+    changed = [n for n, p in trainer.detector.geometry_encoder.named_parameters() if not torch.equal(p, encoder[n])]
+    assert changed
