@@ -17,7 +17,14 @@ Dataset JSON (one file per dataset; paths relative to the JSON's folder unless a
     }
 
 Images and label maps are read with :func:`MedicalSAM3Core.imaging.io.read_volume` (NIfTI, NRRD,
-MHA, DICOM folders) and must share their voxel grid. :func:`load_dataset` checks everything before
+MHA, DICOM folders) and must share their voxel grid. 2D datasets work the same way: a case's image
+and label may be 2D files (PNG, JPEG, 2D NIfTI...), read as one-slice volumes (color photos as
+their luminance: the engine segments scalar images). COCO annotation files are a second source::
+
+      "coco": [{"annotations": "train.json", "images": "train_images/", "split": "train"}]
+
+with categories named by concepts of the prompt dictionary and segmentations as polygons or RLE
+(decoded with ``pycocotools``); each annotation is one instance. :func:`load_dataset` checks everything before
 any training starts and raises ONE :class:`InputError` that lists every problem.
 
 Each sample is one axial slice (array axis 0 = k), one concept of the dataset, its instances
@@ -51,10 +58,14 @@ from MedicalSAM3Core.preprocessing.layout import SliceLayout, pixel_spacing
 
 @dataclass(frozen=True)
 class Case:
+    """One image or volume. ``label`` is a label map; COCO cases have ``annotations`` instead:
+    ``(concept, segmentation)`` pairs (RLE or polygons, COCO's format) of its one slice."""
+
     id: str
     image: Path
-    label: Path
+    label: Optional[Path]
     split: str = "train"
+    annotations: tuple = ()
 
 
 @dataclass
@@ -65,10 +76,11 @@ class DatasetSpec:
     labels: dict[int, str]  # label value -> canonical concept name
     cases: list[Case]
     modality: Optional[str] = None
+    coco_concepts: tuple[str, ...] = ()  # concepts of COCO categories
 
     @property
     def concepts(self) -> list[str]:
-        return sorted(set(self.labels.values()))
+        return sorted(set(self.labels.values()) | set(self.coco_concepts))
 
 
 def load_dataset(path: Path | str, dictionary: Optional[PromptDictionary] = None,
@@ -86,8 +98,8 @@ def load_dataset(path: Path | str, dictionary: Optional[PromptDictionary] = None
     if not isinstance(data, dict):
         raise InputError(f"{path}: the dataset must be a JSON object with 'labels' and 'cases'")
     labels: dict[int, str] = {}
-    raw_labels = data.get("labels")
-    if not isinstance(raw_labels, dict) or not raw_labels:
+    raw_labels = data.get("labels", {} if data.get("coco") else None)
+    if not isinstance(raw_labels, dict) or (not raw_labels and not data.get("coco")):
         problems.append("'labels' must map label values to concept names, e.g. {\"1\": \"liver\"}")
         raw_labels = {}
     for key, name in raw_labels.items():
@@ -106,9 +118,16 @@ def load_dataset(path: Path | str, dictionary: Optional[PromptDictionary] = None
             continue
         labels[value] = concept.name
     cases, seen = [], set()
-    raw_cases = data.get("cases")
-    if not isinstance(raw_cases, list) or not raw_cases:
-        problems.append("'cases' must be a non-empty list of {id, image, label[, split]}")
+    coco_entries = data.get("coco", [])
+    coco_entries = [coco_entries] if isinstance(coco_entries, dict) else coco_entries
+    coco_concepts: set = set()
+    for entry in coco_entries:
+        coco_cases, concepts = load_coco(entry, path.parent, dictionary, problems)
+        cases += coco_cases
+        coco_concepts |= concepts
+    raw_cases = data.get("cases", [] if coco_entries else None)
+    if not isinstance(raw_cases, list) or (not raw_cases and not coco_entries):
+        problems.append("'cases' must be a non-empty list of {id, image, label[, split]} (or give 'coco')")
         raw_cases = []
     for index, item in enumerate(raw_cases):
         if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("id", "image", "label")):
@@ -134,15 +153,16 @@ def load_dataset(path: Path | str, dictionary: Optional[PromptDictionary] = None
         problems.append("'ignore_other_labels' must be true or false")
     if check_images and not problems:
         for case in cases:
-            problems.extend(_check_case(case, labels, ignore_other))
+            if case.label is not None:
+                problems.extend(_check_case(case, labels, ignore_other))
     if problems:
         raise InputError(f"dataset {path} has {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
-    return DatasetSpec(str(data.get("name", path.stem)), labels, cases, modality)
+    return DatasetSpec(str(data.get("name", path.stem)), labels, cases, modality, tuple(sorted(coco_concepts)))
 
 
 def _check_case(case: Case, labels: dict[int, str], ignore_other: bool = False) -> list[str]:
     try:
-        image, label = read_volume(case.image), read_volume(case.label)
+        image, label = read_volume(case.image, allow_2d=True), read_volume(case.label, allow_2d=True)
     except InputError as error:
         return [f"case {case.id!r}: {error}"]
     problems = []
@@ -217,7 +237,12 @@ class SliceDataset(Dataset):
         self._values = {c: sorted(v for v, name in self.spec.labels.items() if name == c) for c in self.spec.concepts}
         self.triplets: list[Triplet] = []
         for index, case in enumerate(self.cases):
-            label = read_volume(case.label).array
+            if case.label is None:  # COCO: one slice, concepts from the annotations
+                present_concepts = {concept for concept, _ in case.annotations}
+                for concept in self._values:
+                    self.triplets.append(Triplet(index, 0, concept, concept in present_concepts))
+                continue
+            label = read_volume(case.label, allow_2d=True).array
             for k in range(label.shape[0]):
                 present = set(np.unique(label[k]).tolist())
                 for concept, values in self._values.items():
@@ -229,8 +254,9 @@ class SliceDataset(Dataset):
 
     def _volume(self, index: int) -> tuple[Volume, np.ndarray, str]:
         if index not in self._cache:
-            image = read_volume(self.cases[index].image)
-            label = read_volume(self.cases[index].label).array
+            case = self.cases[index]
+            image = read_volume(case.image, allow_2d=True)
+            label = read_volume(case.label, allow_2d=True).array if case.label is not None else None
             modality = detect_modality(image.array, self.spec.modality or image.modality)
             self._cache[index] = (image, label, modality)
             while len(self._cache) > self.cache_size:
@@ -264,8 +290,12 @@ class SliceDataset(Dataset):
         pixel_values = to_model_input(torch.from_numpy(raw)[None], spec, size, self.preprocess["mean"],
                                       self.preprocess["std"], layout)[0]
         masks = []
-        for value in self._values[triplet.concept]:
-            instance = label[triplet.slice] == value
+        case = self.cases[triplet.case]
+        if label is None:
+            instances = [coco_mask(seg, raw.shape) for concept, seg in case.annotations if concept == triplet.concept]
+        else:
+            instances = [label[triplet.slice] == value for value in self._values[triplet.concept]]
+        for instance in instances:
             if not instance.any():
                 continue
             placed = layout.place(torch.from_numpy(instance.astype(np.float32))[None, None], antialias=False)[0, 0] > 0.5
@@ -275,6 +305,54 @@ class SliceDataset(Dataset):
         return {"pixel_values": pixel_values, "text": triplet.concept, "concept": triplet.concept,
                 "masks": masks_t, "boxes": masks_to_boxes(masks_t), "case": self.cases[triplet.case].id,
                 "slice_index": triplet.slice}
+
+
+def coco_mask(segmentation, shape: tuple[int, int]) -> np.ndarray:
+    """One COCO segmentation (RLE, compressed or not, or polygons) as a ``(rows, cols)`` bool mask."""
+    from pycocotools import mask as coco
+
+    rows, cols = shape
+    if isinstance(segmentation, list):  # polygons
+        rle = coco.merge(coco.frPyObjects(segmentation, rows, cols))
+    elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE
+        rle = coco.frPyObjects(segmentation, rows, cols)
+    else:
+        rle = segmentation
+    return coco.decode(rle).astype(bool)
+
+
+def load_coco(entry: dict, root: Path, dictionary: PromptDictionary, problems: list[str]) -> tuple[list[Case], set]:
+    """Cases from one COCO annotation file: ``{"annotations": FILE, "images": FOLDER, "split": ...}``."""
+    path = root / entry.get("annotations", "")
+    folder = root / entry.get("images", "")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        problems.append(f"COCO file {path}: {error}")
+        return [], {}
+    categories = {}
+    for category in data.get("categories", []):
+        concept = dictionary.lookup(category.get("name", ""))
+        if concept is None:
+            hint = dictionary.suggest(category.get("name", ""))
+            problems.append(f"COCO category {category.get('name')!r} is not a concept of the prompt dictionary"
+                            + (f" (did you mean {', '.join(hint)}?)" if hint else ""))
+            continue
+        categories[category["id"]] = concept.name
+    by_image: dict = {}
+    for annotation in data.get("annotations", []):
+        if annotation.get("category_id") in categories and "segmentation" in annotation:
+            by_image.setdefault(annotation["image_id"], []).append(
+                (categories[annotation["category_id"]], annotation["segmentation"]))
+    cases = []
+    for image in data.get("images", []):
+        file = folder / image.get("file_name", "")
+        if not file.is_file():
+            problems.append(f"COCO image {file} does not exist")
+            continue
+        cases.append(Case(f"{path.stem}:{image['id']}", file, None, entry.get("split", "train"),
+                          tuple(by_image.get(image["id"], ()))))
+    return cases, set(categories.values())
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:

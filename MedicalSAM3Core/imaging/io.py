@@ -36,7 +36,12 @@ def _apply_geometry(image: sitk.Image, geometry: Geometry) -> sitk.Image:
     return image
 
 
-def _to_volume(image: sitk.Image, source: str, modality: Optional[str]) -> Volume:
+def _to_volume(image: sitk.Image, source: str, modality: Optional[str], allow_2d: bool = False) -> Volume:
+    if allow_2d and image.GetDimension() == 2:
+        if image.GetNumberOfComponentsPerPixel() in (3, 4):  # RGB(A) photo: luminance (ITU-R BT.601)
+            channels = [sitk.VectorIndexSelectionCast(image, c, sitk.sitkFloat32) for c in range(3)]
+            image = channels[0] * 0.299 + channels[1] * 0.587 + channels[2] * 0.114
+        image = sitk.JoinSeries(image)  # one slice: (1, rows, cols)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{source}: has {image.GetNumberOfComponentsPerPixel()} components per voxel "
                          "(color or vector image); a grayscale CT/MR volume is needed")
@@ -51,11 +56,13 @@ def _to_volume(image: sitk.Image, source: str, modality: Optional[str]) -> Volum
     return Volume(sitk.GetArrayFromImage(image), _geometry_of(image), modality=modality, source=source)
 
 
-def read_volume(path: PathLike) -> Volume:
+def read_volume(path: PathLike, allow_2d: bool = False) -> Volume:
     """Read a 3D scalar volume from a file or a DICOM series folder.
 
     A DICOM folder is read as one series (GDCM applies rescale slope/intercept, so CT comes out in
     Hounsfield units). A folder with several series uses the one with the most slices and says so.
+    ``allow_2d`` (training on 2D datasets): a 2D image (PNG, JPEG, 2D NIfTI...) becomes a one-slice
+    volume ``(1, rows, cols)``; a color photo is turned into its luminance.
     """
     path = Path(path)
     if not path.exists():
@@ -71,7 +78,7 @@ def read_volume(path: PathLike) -> Volume:
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
         raise InputError(f"{path}: cannot be read as a medical image ({SUPPORTED}). {first_line}") from None
-    return _to_volume(image, str(path), modality or None)
+    return _to_volume(image, str(path), modality or None, allow_2d)
 
 
 def _read_dicom_series(folder: Path) -> Volume:

@@ -111,3 +111,49 @@ def test_balanced_sampler_shards_one_stream(toy_dataset):
     assert interleaved == draws
     single.set_epoch(1)
     assert list(single) != draws
+
+
+def test_2d_images_and_coco_annotations(tmp_path):
+    """2D cases (PNG image + PNG label map) and a COCO file (polygon + RLE) in one dataset."""
+    import SimpleITK as sitk
+    from pycocotools import mask as coco
+
+    image = np.zeros((40, 50), np.uint8)
+    image[10:30, 10:25] = 180
+    label = (image > 0).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(image), str(tmp_path / "img0.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(label), str(tmp_path / "lab0.png"))
+    rgb = np.stack([image] * 3, axis=-1)
+    (tmp_path / "coco").mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(tmp_path / "coco" / "photo.png"))
+    second = np.zeros((40, 50), np.uint8, order="F")
+    second[5:9, 30:45] = 1
+    rle = coco.encode(np.asfortranarray(second))
+    rle["counts"] = rle["counts"].decode()
+    annotations = {"images": [{"id": 7, "file_name": "photo.png", "height": 40, "width": 50}],
+                   "categories": [{"id": 1, "name": "polyp"}, {"id": 2, "name": "skin lesion"}],
+                   "annotations": [{"id": 1, "image_id": 7, "category_id": 1,
+                                    "segmentation": [[10, 10, 25, 10, 25, 30, 10, 30]]},
+                                   {"id": 2, "image_id": 7, "category_id": 1, "segmentation": rle}]}
+    (tmp_path / "coco" / "train.json").write_text(json.dumps(annotations))
+    dataset_json = tmp_path / "dataset.json"
+    dataset_json.write_text(json.dumps({
+        "labels": {"1": "polyp"}, "cases": [{"id": "png", "image": "img0.png", "label": "lab0.png"}],
+        "coco": {"annotations": "coco/train.json", "images": "coco"}}))
+    spec = load_dataset(dataset_json)
+    assert spec.concepts == ["Polyp", "Skin Lesion"] and len(spec.cases) == 2
+    dataset = SliceDataset(spec, spec.cases, PREPROCESS)
+    positive = {(dataset.cases[t.case].id, t.concept): i for i, t in enumerate(dataset.triplets) if t.positive}
+    assert set(positive) == {("png", "Polyp"), ("train:7", "Polyp")}
+    png_item, coco_item = dataset[positive[("png", "Polyp")]], dataset[positive[("train:7", "Polyp")]]
+    assert png_item["masks"].shape[0] == 1 and coco_item["masks"].shape[0] == 2  # two instances
+    torch.testing.assert_close(png_item["pixel_values"], coco_item["pixel_values"], atol=0.02, rtol=0)  # luminance
+    # the polygon covers the same pixels as the PNG label (within the polygon's edge convention)
+    overlap = (png_item["masks"][0] & coco_item["masks"][0]).sum() / png_item["masks"][0].sum()
+    assert overlap > 0.85
+    bad = tmp_path / "bad.json"
+    annotations["categories"][1]["name"] = "skin lesoin"
+    (tmp_path / "coco" / "bad.json").write_text(json.dumps(annotations))
+    bad.write_text(json.dumps({"coco": {"annotations": "coco/bad.json", "images": "coco"}}))
+    with pytest.raises(InputError, match="'skin lesoin' is not a concept"):
+        load_dataset(bad)
