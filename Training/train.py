@@ -47,7 +47,7 @@ DEFAULTS = {
     "train": {"steps": 1000, "batch_size": 4, "epoch_steps": 100, "val_every": 0, "val_slices": 64,
               "checkpoint_every": 100, "log_every": 10, "output": "runs/medsam3", "seed": 0, "device": "auto",
               "num_workers": 0, "positive_fraction": 0.7, "export_dtype": "float32",
-              "box_prompt_probability": 0.0, "box_noise": 0.1},
+              "box_prompt_probability": 0.0, "box_noise": 0.1, "fsdp": False},
 }
 
 
@@ -262,21 +262,28 @@ class Trainer:
         self.local_batch = t["batch_size"] // self.world
         self.sampler = BalancedSampler(self.train_set, t["epoch_steps"] * self.local_batch, seed=t["seed"],
                                        positive_fraction=t["positive_fraction"], rank=self.rank, world_size=self.world)
-        o = config["optim"]
-        groups = parameter_groups(self.detector, o["lr_backbone"], o["lr_text"], o["lr_heads"], o["layer_decay"],
-                                  o["weight_decay"])
-        self.optimizer = build_optimizer(groups, o["betas"], o["eps"])
         loss = config["loss"]
         self.criterion = Criterion(LossWeights(**loss["weights"]), MatchCosts(**loss["costs"]), loss["o2m_k"],
                                    loss["o2m_iou"])
         self.model = self.detector
-        if self.world > 1:
+        self.fsdp = bool(t["fsdp"]) and self.world > 1
+        if self.fsdp:  # parameters, gradients and optimizer state sharded across the processes
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in self.detector.vision_encoder.backbone.layers:
+                fully_shard(layer)
+            fully_shard(self.detector)
+        elif self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             # with box prompts the box encoder is used in some steps only
             self.model = DistributedDataParallel(self.detector, device_ids=[self.device.index]
                                                  if self.device.type == "cuda" else None,
                                                  find_unused_parameters=self.box_prompts)
+        o = config["optim"]  # after sharding: FSDP replaces the parameters
+        groups = parameter_groups(self.detector, o["lr_backbone"], o["lr_text"], o["lr_heads"], o["layer_decay"],
+                                  o["weight_decay"])
+        self.optimizer = build_optimizer(groups, o["betas"], o["eps"])
         self.step = 0
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else torch.autocast("cpu", enabled=False))
@@ -287,11 +294,23 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.output / "checkpoint.pt"
 
+    def _full_states(self) -> tuple[dict, dict]:
+        """Model and optimizer state as plain (unsharded) dicts; a collective call under FSDP."""
+        if not self.fsdp:
+            return self.detector.state_dict(), self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(self.detector, options=options),
+                get_optimizer_state_dict(self.detector, self.optimizer, options=options))
+
     def save_checkpoint(self) -> None:
+        model_state, optimizer_state = self._full_states()
         if self.rank != 0:
             return
         self.output.mkdir(parents=True, exist_ok=True)
-        state = {"model": self.detector.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+        state = {"model": model_state, "optimizer": optimizer_state, "step": self.step,
                  "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
         partial = self.checkpoint_path.with_suffix(".pt.partial")
@@ -304,8 +323,16 @@ class Trainer:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise InputError(f"no checkpoint to resume from at {path}") from None
-        self.detector.load_state_dict(state["model"], strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.detector, state["model"], options=options)
+            set_optimizer_state_dict(self.detector, self.optimizer, state["optimizer"], options=options)
+        else:
+            self.detector.load_state_dict(state["model"], strict=True)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
@@ -398,11 +425,22 @@ class Trainer:
                 self.save_checkpoint()
         progress.close()
         self.save_checkpoint()
-        if self.step >= t["steps"] and self.rank == 0:
-            export_model(self.bundle, self.output / "model", self.config, metrics)
+        if self.step >= t["steps"]:
+            self._export(metrics)
         if self.writer is not None:
             self.writer.close()
         return metrics
+
+    def _export(self, metrics: dict) -> None:
+        bundle = self.bundle
+        if self.fsdp:  # gather the shards, then export an ordinary copy of the model
+            model_state, _ = self._full_states()
+            if self.rank != 0:
+                return
+            bundle = build_model(self.config["model"], self.box_prompts)
+            bundle.detector.load_state_dict(model_state, strict=True)
+        if self.rank == 0:
+            export_model(bundle, self.output / "model", self.config, metrics)
 
     def _open_writer(self) -> None:
         try:
@@ -436,6 +474,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, help="run folder (default: train.output of the config)")
     parser.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint.pt")
     parser.add_argument("--steps", type=int, help="override train.steps")
+    parser.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this many steps of this run; "
+                                                       "--resume continues on the same schedule")
     parser.add_argument("--check-data", action="store_true",
                         help="only validate the config and the dataset (every problem listed), then stop")
     args = parser.parse_args(argv)
@@ -458,7 +498,7 @@ def main(argv=None) -> int:
             import yaml
 
             (trainer.output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        trainer.run(resume=args.resume)
+        trainer.run(resume=args.resume, stop_after=args.stop_after)
         if trainer.rank == 0:
             print(f"trained weights: {trainer.output / 'model'} (use: medsam3 segment --model {trainer.output / 'model'})")
         return 0

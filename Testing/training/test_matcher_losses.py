@@ -94,3 +94,45 @@ def test_class_term_equals_direct_computation():
     labels[q] = 1
     expected = tv.sigmoid_focal_loss(outputs.logits[-1, 0], labels, reduction="sum") / 1.0
     assert terms["class"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_every_term_equals_a_direct_computation():
+    """Random outputs, two images (one with two instances, one negative): each loss term recomputed
+    independently from the matched pairs (torchvision and plain torch)."""
+    import torch.nn.functional as F
+
+    from Training.matcher import box_xyxy_to_cxcywh, match_cost
+
+    torch.manual_seed(1)
+    q, size = 6, 16
+    boxes = torch.sort(torch.rand(1, 2, q, 4), dim=-1).values[..., [0, 1, 2, 3]]
+    boxes = torch.stack([boxes[..., 0], boxes[..., 1], boxes[..., 0] + 0.3, boxes[..., 1] + 0.3], -1).clamp(0, 1)
+    outputs = DetectorOutputs(torch.randn(1, 2, q), boxes, torch.randn(1, 2), torch.randn(2, q, size, size),
+                              torch.randn(2, 1, size, size))
+    masks = torch.zeros((2, 32, 32), dtype=torch.bool)
+    masks[0, 4:12, 4:20], masks[1, 20:30, 8:16] = True, True
+    targets = [{"boxes": torch.tensor([[0.125, 0.125, 0.625, 0.375], [0.25, 0.625, 0.5, 0.9375]]), "masks": masks},
+               {"boxes": torch.zeros((0, 4)), "masks": torch.zeros((0, 32, 32), dtype=torch.bool)}]
+    _, terms = Criterion(LossWeights(o2m=0.0, aux=False))(outputs, targets)
+
+    queries, indices = hungarian_match(match_cost(outputs.logits[0, 0], outputs.boxes[0, 0], targets[0]["boxes"]))
+    n = 2.0
+    labels = torch.zeros(2, q)
+    labels[0, queries] = 1
+    pred, true = outputs.boxes[0, 0, queries], targets[0]["boxes"][indices]
+    assert terms["class"] == pytest.approx(float(tv.sigmoid_focal_loss(outputs.logits[0], labels, reduction="sum")) / n, rel=1e-5)
+    assert terms["l1"] == pytest.approx(float((box_xyxy_to_cxcywh(pred) - box_xyxy_to_cxcywh(true)).abs().sum()) / n, rel=1e-5)
+    assert terms["giou"] == pytest.approx(float((1 - torch.diag(tv.generalized_box_iou(pred, true))).sum()) / n, rel=1e-5)
+    present = torch.tensor([1.0, 0.0])
+    assert terms["presence"] == pytest.approx(float(F.binary_cross_entropy_with_logits(outputs.presence[0], present)), rel=1e-5)
+    small = F.avg_pool2d(masks.float()[:, None], 2)[:, 0]  # area resampling 32 -> 16
+    pred_masks, true_masks = outputs.masks[0, queries], small[indices]
+    focal = tv.sigmoid_focal_loss(pred_masks, true_masks, reduction="none").flatten(1).mean(1).sum() / n
+    assert terms["mask"] == pytest.approx(float(focal), rel=1e-5)
+    p = pred_masks.sigmoid().flatten(1)
+    t = true_masks.flatten(1)
+    dice = (1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).sum() / n
+    assert terms["dice"] == pytest.approx(float(dice), rel=1e-5)
+    semantic_target = torch.stack([small.amax(0), torch.zeros(size, size)])
+    semantic = F.binary_cross_entropy_with_logits(outputs.semantic[:, 0], semantic_target)
+    assert terms["semantic"] == pytest.approx(float(semantic), rel=1e-5)

@@ -103,12 +103,22 @@ def test_resume_reproduces_the_uninterrupted_run(toy_dataset, tmp_path):
     assert (tmp_path / "b" / "model" / "medsam3_preprocessing.json").is_file()
 
 
+def _torchrun(config_path, output, *extra):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "Training.train", "--config", str(config_path), "--output", str(output), *extra],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.slow
-def test_two_ddp_processes_equal_one_process(toy_dataset, tmp_path):
-    """torchrun, 2 gloo processes x 1 sample == 1 process x 2 samples (same global batch)."""
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process(toy_dataset, tmp_path, sharding):
+    """torchrun, 2 gloo processes x 1 sample == 1 process x 2 samples (same global batch), with DDP
+    (replicated weights) and FSDP (sharded weights, gradients and optimizer state)."""
     from safetensors.torch import load_file
 
-    config = tiny_config(toy_dataset, tmp_path / "unused", steps=3, batch_size=2)
+    config = tiny_config(toy_dataset, tmp_path / "unused", steps=3, batch_size=2, fsdp=sharding == "fsdp")
     config["model"]["dropout"] = 0.0
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -116,10 +126,7 @@ def test_two_ddp_processes_equal_one_process(toy_dataset, tmp_path):
     single = subprocess.run([sys.executable, "-m", "Training.train", "--config", str(path), "--output",
                              str(tmp_path / "one")], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert single.returncode == 0, single.stderr[-3000:]
-    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "Training.train", "--config", str(path), "--output", str(tmp_path / "two")],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
-    assert double.returncode == 0, double.stderr[-3000:]
+    _torchrun(path, tmp_path / "two")
     one = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
     two = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
     assert one.keys() == two.keys()
@@ -129,6 +136,23 @@ def test_two_ddp_processes_equal_one_process(toy_dataset, tmp_path):
         torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5, msg=key)
         changed += not torch.equal(one[key], initial[key]) if key in initial else 0
     assert changed > 50  # the runs trained something
+
+
+@pytest.mark.slow
+def test_fsdp_resume_reproduces_the_uninterrupted_run(toy_dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    config = tiny_config(toy_dataset, tmp_path / "unused", steps=4, batch_size=2, fsdp=True)
+    path = tmp_path / "fsdp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    _torchrun(path, tmp_path / "straight")
+    _torchrun(path, tmp_path / "split", "--stop-after", "2")  # past the warmup: the schedule matters
+    assert not (tmp_path / "split" / "model").exists()
+    _torchrun(path, tmp_path / "split", "--resume")
+    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "model" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
 
 def test_exported_model_segments_with_the_engine(toy_dataset, tmp_path):
