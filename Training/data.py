@@ -19,7 +19,9 @@ Dataset JSON (one file per dataset; paths relative to the JSON's folder unless a
 Images and label maps are read with :func:`MedicalSAM3Core.imaging.io.read_volume` (NIfTI, NRRD,
 MHA, DICOM folders) and must share their voxel grid. 2D datasets work the same way: a case's image
 and label may be 2D files (PNG, JPEG, 2D NIfTI...), read as one-slice volumes (color photos as
-their luminance: the engine segments scalar images). COCO annotation files are a second source::
+their luminance: the engine segments scalar images). An image folder and a mask folder can be
+paired by file name: ``"folders": [{"images": "imgs/", "masks": "masks/", "split": "train"}]``.
+COCO annotation files are another source::
 
       "coco": [{"annotations": "train.json", "images": "train_images/", "split": "train"}]
 
@@ -125,7 +127,12 @@ def load_dataset(path: Path | str, dictionary: Optional[PromptDictionary] = None
         coco_cases, concepts = load_coco(entry, path.parent, dictionary, problems)
         cases += coco_cases
         coco_concepts |= concepts
-    raw_cases = data.get("cases", [] if coco_entries else None)
+    folder_entries = data.get("folders", [])
+    folder_entries = [folder_entries] if isinstance(folder_entries, dict) else folder_entries
+    paired = [item for entry in folder_entries for item in pair_folders(entry, path.parent, problems)]
+    raw_cases = data.get("cases", [] if (coco_entries or folder_entries) else None)
+    if isinstance(raw_cases, list):
+        raw_cases = raw_cases + paired
     if not isinstance(raw_cases, list) or (not raw_cases and not coco_entries):
         problems.append("'cases' must be a non-empty list of {id, image, label[, split]} (or give 'coco')")
         raw_cases = []
@@ -353,6 +360,30 @@ def load_coco(entry: dict, root: Path, dictionary: PromptDictionary, problems: l
         cases.append(Case(f"{path.stem}:{image['id']}", file, None, entry.get("split", "train"),
                           tuple(by_image.get(image["id"], ()))))
     return cases, set(categories.values())
+
+
+def pair_folders(entry: dict, root: Path, problems: list[str]) -> list[dict]:
+    """Cases from an image folder and a mask folder, paired by file name (extension aside):
+    ``{"images": "imgs/", "masks": "masks/", "split": "train"}``."""
+    images, masks = root / entry.get("images", ""), root / entry.get("masks", "")
+    for kind, folder in (("image", images), ("mask", masks)):
+        if not folder.is_dir():
+            problems.append(f"{kind} folder {folder} does not exist")
+            return []
+
+    def stems(folder: Path) -> dict[str, Path]:
+        found = {}
+        for file in sorted(folder.iterdir()):
+            if file.is_file() and not file.name.startswith("."):
+                name = file.name[: -len(".nii.gz")] if file.name.endswith(".nii.gz") else file.stem
+                found[name] = file
+        return found
+
+    by_image, by_mask = stems(images), stems(masks)
+    for name in sorted(set(by_image) ^ set(by_mask)):
+        problems.append(f"{name}: found in only one of {images} and {masks}")
+    return [{"id": name, "image": str(by_image[name]), "label": str(by_mask[name]), "split": entry.get("split", "train")}
+            for name in sorted(set(by_image) & set(by_mask))]
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:

@@ -137,8 +137,11 @@ def test_2d_images_and_coco_annotations(tmp_path):
                                    {"id": 2, "image_id": 7, "category_id": 1, "segmentation": rle}]}
     (tmp_path / "coco" / "train.json").write_text(json.dumps(annotations))
     dataset_json = tmp_path / "dataset.json"
+    (tmp_path / "imgs").mkdir(), (tmp_path / "masks").mkdir()
+    (tmp_path / "img0.png").rename(tmp_path / "imgs" / "png.png")
+    (tmp_path / "lab0.png").rename(tmp_path / "masks" / "png.png")
     dataset_json.write_text(json.dumps({
-        "labels": {"1": "polyp"}, "cases": [{"id": "png", "image": "img0.png", "label": "lab0.png"}],
+        "labels": {"1": "polyp"}, "folders": {"images": "imgs", "masks": "masks"},
         "coco": {"annotations": "coco/train.json", "images": "coco"}}))
     spec = load_dataset(dataset_json)
     assert spec.concepts == ["Polyp", "Skin Lesion"] and len(spec.cases) == 2
@@ -157,3 +160,6 @@ def test_2d_images_and_coco_annotations(tmp_path):
     bad.write_text(json.dumps({"coco": {"annotations": "coco/bad.json", "images": "coco"}}))
     with pytest.raises(InputError, match="'skin lesoin' is not a concept"):
         load_dataset(bad)
+    sitk.WriteImage(sitk.GetImageFromArray(image), str(tmp_path / "imgs" / "unpaired.png"))
+    with pytest.raises(InputError, match="unpaired: found in only one"):
+        load_dataset(dataset_json)

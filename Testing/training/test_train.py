@@ -243,3 +243,17 @@ def test_noisy_box_prompts_train_the_box_encoder(toy_dataset, tmp_path):
     trainer.run()
     changed = [n for n, p in trainer.detector.geometry_encoder.named_parameters() if not torch.equal(p, encoder[n])]
     assert changed
+
+
+def test_validation_logs_per_concept_dice(toy_dataset, tmp_path):
+    import json
+
+    from Training.train import Trainer
+
+    trainer = Trainer(tiny_config(toy_dataset, tmp_path, steps=2, val_every=2, val_slices=4))
+    assert trainer.val_set is not None and {c.split for c in trainer.val_set.cases} == {"val"}
+    trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    validation = [r for r in records if "val_dice" in r]
+    assert validation and set(validation[-1]["val_dice"]) == {"Liver", "Spleen"}
+    assert all(0.0 <= d <= 1.0 for d in validation[-1]["val_dice"].values())
