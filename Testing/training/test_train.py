@@ -257,3 +257,19 @@ def test_validation_logs_per_concept_dice(toy_dataset, tmp_path):
     validation = [r for r in records if "val_dice" in r]
     assert validation and set(validation[-1]["val_dice"]) == {"Liver", "Spleen"}
     assert all(0.0 <= d <= 1.0 for d in validation[-1]["val_dice"].values())
+
+
+@pytest.mark.sample_data
+def test_tiny_config_trains_on_the_real_sample_ct(sample_data, tmp_path):
+    """`medsam3-train` on the TotalSegmentator sample CT (15 concepts), then the CLI segments with it."""
+    from MedicalSAM3Core.cli import main as medsam3
+    from Training.train import main
+
+    config = REPO / "Training" / "configs" / "tiny.yaml"
+    assert main(["--config", str(config), "--check-data"]) == 0
+    assert main(["--config", str(config), "--output", str(tmp_path / "run"), "--steps", "4"]) == 0
+    assert (tmp_path / "run" / "model" / "medsam3_preprocessing.json").read_text().count("450") == 1
+    out = tmp_path / "seg.nii.gz"
+    assert medsam3(["segment", str(REPO / "Resources" / "sample" / "example_ct_sm.nii.gz"), "-p", "liver",
+                    "--model", str(tmp_path / "run" / "model"), "--mode", "slices", "-o", str(out), "-q"]) == 0
+    assert out.is_file()
