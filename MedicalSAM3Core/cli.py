@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-body-mb", type=float, default=1024.0, help="largest accepted upload in MB (default 1024)")
     srv.add_argument("--max-voxels", type=int, default=1024 ** 3, help="largest accepted volume in voxels")
     srv.add_argument("--max-dim", type=int, default=4096, help="largest accepted size along one axis")
+    srv.add_argument("--port-file", type=Path, help="once listening, write the port to this file (with --port 0: "
+                                                    "how a program that starts the server learns the port)")
+    srv.add_argument("--exit-on-stdin-eof", action="store_true",
+                     help="stop when standard input closes (a parent program, e.g. 3D Slicer, that ends or "
+                          "crashes takes its server with it)")
 
     from .evaluation.evaluate import add_evaluate_parser
 
@@ -227,6 +232,12 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"medsam3: serving {settings.model} on {scheme}://{args.host}:{args.port} "
           f"({'token required' if config.token else 'no token: this computer only'}); Ctrl-C stops",
           file=sys.stderr)
+    from .serving.serve import exit_on_stdin_eof, write_port_when_listening
+
+    if args.port_file:
+        write_port_when_listening(server, args.port_file)
+    if args.exit_on_stdin_eof:
+        exit_on_stdin_eof(server)
     server.run()
     return 0
 

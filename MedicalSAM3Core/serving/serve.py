@@ -14,6 +14,9 @@ import logging
 import os
 import secrets
 import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -124,6 +127,51 @@ def build_server(settings: ServeSettings, model=None):
                             ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile,
                             timeout_graceful_shutdown=10)
     return uvicorn.Server(config)
+
+
+def write_port_when_listening(server, path: Path, timeout: float = 3600.0) -> threading.Thread:
+    """Write the port ``server`` listens on to ``path`` (atomically) as soon as it listens.
+
+    With ``--port 0`` the operating system picks a free port; a parent program (the Slicer
+    module's local backend) reads it from this file instead of guessing a free port itself.
+    """
+    path = Path(path)
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if server.should_exit or time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(f"{bound_port(server)}\n", encoding="utf-8")
+        os.replace(partial, path)
+
+    thread = threading.Thread(target=watch, name="medsam3-port-file", daemon=True)
+    thread.start()
+    return thread
+
+
+def exit_on_stdin_eof(server, stream=None) -> threading.Thread:
+    """Stop ``server`` when its standard input reaches end of file.
+
+    A parent that starts the server with a pipe on its stdin never writes to it; when the parent
+    exits, or crashes, the pipe closes and the server stops instead of holding the GPU forever.
+    """
+    stream = stream if stream is not None else sys.stdin.buffer
+
+    def watch() -> None:
+        try:
+            while stream.read(4096):
+                pass
+        except (OSError, ValueError):
+            pass
+        log.info("standard input closed: stopping the server")
+        server.should_exit = True
+
+    thread = threading.Thread(target=watch, name="medsam3-stdin-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def bound_port(server) -> int:

@@ -143,6 +143,37 @@ def write_segments(result: SegmentationResult, volume_node, segmentation_node=No
     return segmentation_node
 
 
+def _checked_prompts(prompts: list[str]) -> list[str]:
+    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise InputError("type at least one structure name, e.g. 'liver'")
+    return [p.strip() for p in prompts]
+
+
+def start_segmentation(volume_node, prompts: list[str], options, backend):
+    """Start segmenting ``volume_node`` on ``backend`` (a :mod:`.backends` backend) in a worker thread.
+
+    The voxels are copied out of the scene here, on the calling (GUI) thread; the returned
+    :class:`~.backends.BackgroundTask` never touches the scene. Bad input raises before anything starts.
+    """
+    from .backends import BackgroundTask, segment_with
+
+    prompts = _checked_prompts(prompts)
+    options.validate()
+    volume = volume_from_node(volume_node)
+    return BackgroundTask(lambda progress, cancel: segment_with(backend, volume, prompts, options, progress, cancel))
+
+
+def finish_segmentation(task, volume_node, segmentation_node=None, keep_overlapping: bool = False,
+                        segmentations_logic=None):
+    """Write a finished task's result as segments (on the GUI thread). A task that failed or was
+    cancelled raises its error and leaves the scene exactly as it was."""
+    if not task.finished:
+        raise RuntimeError("the segmentation is still running")
+    if task.error is not None:
+        raise task.error
+    return write_segments(task.result, volume_node, segmentation_node, keep_overlapping, segmentations_logic)
+
+
 def segment_volume(volume_node, prompts: list[str], run: Callable[[Volume, list[str]], SegmentationResult],
                    segmentation_node=None, keep_overlapping: bool = False, segmentations_logic=None):
     """Segment ``volume_node`` with ``run`` (the engine, local or remote) and write the segments.
@@ -151,9 +182,7 @@ def segment_volume(volume_node, prompts: list[str], run: Callable[[Volume, list[
     ``run`` leaves the scene as it was).
     """
     volume = volume_from_node(volume_node)
-    if not prompts or any(not p.strip() for p in prompts):
-        raise InputError("type at least one structure name, e.g. 'liver'")
-    result = run(volume, prompts)
+    result = run(volume, _checked_prompts(prompts))
     return write_segments(result, volume_node, segmentation_node, keep_overlapping, segmentations_logic)
 
 

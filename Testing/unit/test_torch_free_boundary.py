@@ -26,7 +26,7 @@ def test_slicer_scene_logic_imports_without_torch():
     code = (
         "import sys\n"
         f"sys.path.insert(0, {str(repo / 'MedicalSAM3Slicer')!r})\n"
-        "import MedicalSAM3Lib.scene\n"
+        "import MedicalSAM3Lib.scene, MedicalSAM3Lib.backends, MedicalSAM3Lib.dependencies\n"
         "print(','.join(m for m in ('torch', 'transformers', 'SimpleITK') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
