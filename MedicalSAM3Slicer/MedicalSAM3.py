@@ -105,6 +105,7 @@ class MedicalSAM3Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
         for widget in (self.ui.localRadioButton, self.ui.remoteRadioButton, self.ui.consentCheckBox):
             widget.connect("toggled(bool)", self._saveSettings)
+        self.ui.remoteRadioButton.connect("toggled(bool)", self._updateBackendFields)
         for widget in (self.ui.serverUrlLineEdit, self.ui.tokenLineEdit):
             widget.connect("editingFinished()", self._saveSettings)
             widget.connect("textEdited(QString)", self._onServerEdited)
@@ -118,6 +119,7 @@ class MedicalSAM3Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.app.connect("aboutToQuit()", self.logic.shutdown)
 
         self.initializeParameterNode()
+        self._updateBackendFields()
         self._updateButtons()
 
     def cleanup(self) -> None:
@@ -197,6 +199,13 @@ class MedicalSAM3Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         settings.setValue(f"{SETTINGS}/Model", self.ui.modelPathLineEdit.currentPath.strip())
         settings.setValue(f"{SETTINGS}/EnginePython", self.ui.enginePythonPathLineEdit.currentPath.strip())
         settings.setValue(f"{SETTINGS}/Device", self.ui.deviceComboBox.currentText)
+
+    def _updateBackendFields(self, *args) -> None:
+        remote = self.ui.remoteRadioButton.checked
+        for widget in (self.ui.serverUrlLineEdit, self.ui.tokenLineEdit, self.ui.consentCheckBox):
+            widget.enabled = remote
+        for widget in (self.ui.modelPathLineEdit, self.ui.deviceComboBox, self.ui.enginePythonPathLineEdit):
+            widget.enabled = not remote
 
     def _onServerEdited(self, text) -> None:
         # consent is given for one server: editing its address or token asks again
