@@ -402,7 +402,13 @@ class MedicalSAM3Logic(ScriptedLoadableModuleLogic):
         """Write a finished task's segments (GUI thread); raises its error if it failed."""
         from MedicalSAM3Lib.scene import finish_segmentation
 
+        # Edit > Undo restores the segments a rerun replaces. MRML records undo states only for nodes
+        # that opt in, so turning the scene's undo on costs nothing for other nodes.
+        if task.error is None and segmentationNode is not None:
+            segmentationNode.SetUndoEnabled(True)
+            slicer.mrmlScene.SetUndoOn()
         segmentationNode = finish_segmentation(task, volumeNode, segmentationNode, keepOverlapping)
+        segmentationNode.SetUndoEnabled(True)
         segmentationNode.CreateClosedSurfaceRepresentation()
         return segmentationNode
 
@@ -506,8 +512,6 @@ class MedicalSAM3Test(ScriptedLoadableModuleTest):
 
         self.delayDisplay("A segment drawn by the user survives a rerun; the rerun replaces only its own")
         userId = segmentation.AddEmptySegment("my_lesion", "my lesion")
-        slicer.mrmlScene.SetUndoOn()
-        segmentationNode.SetUndoEnabled(True)
         before = segment_mask(segmentationNode, "MedicalSAM3_liver", volumeNode)
         parameters.prompts = "liver"
         parameters.scoreThreshold = 0.9
