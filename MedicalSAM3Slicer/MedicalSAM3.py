@@ -250,13 +250,13 @@ class MedicalSAM3Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- actions -----------------------------------------------------------------------------------
     def onInstallDependencies(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Installing the Python packages failed."), waitCursor=True):
+        with _shownErrors(self.ui.statusLabel), slicer.util.tryWithErrorDisplay(_("Installing the Python packages failed."), waitCursor=True):
             installed = self.logic.installDependencies(self.backendSettings()["backend"])
             self.ui.statusLabel.text = (_("Installed: {packages}").format(packages=", ".join(installed)) if installed
                                         else _("Everything needed is installed."))
 
     def onTestConnection(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("The Medical SAM3 engine could not be reached."), waitCursor=True):
+        with _shownErrors(self.ui.statusLabel), slicer.util.tryWithErrorDisplay(_("The Medical SAM3 engine could not be reached."), waitCursor=True):
             settings = self.backendSettings()
             self.logic.installDependencies(settings["backend"])
             info = self.logic.runBlocking(lambda progress, cancel: self.logic.backend(settings).client(cancel).info())
@@ -268,7 +268,7 @@ class MedicalSAM3Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onApply(self) -> None:
         from MedicalSAM3Core.common.prompts import default_dictionary, split_prompt_text
 
-        with slicer.util.tryWithErrorDisplay(_("Medical SAM3 could not start."), waitCursor=True):
+        with _shownErrors(self.ui.statusLabel), slicer.util.tryWithErrorDisplay(_("Medical SAM3 could not start."), waitCursor=True):
             parameters = self._parameterNode
             prompts = split_prompt_text(parameters.prompts)
             warnings = [r.warning for r in default_dictionary().resolve_all(prompts) if r.warning]
@@ -310,13 +310,15 @@ class MedicalSAM3Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if task.cancelled:
                 self.ui.statusLabel.text = _("Cancelled; nothing was changed.")
                 return
-            with slicer.util.tryWithErrorDisplay(_("Segmentation failed; nothing was changed in the scene."),
-                                                 waitCursor=True):
-                segmentationNode = self.logic.finish(task, volumeNode, segmentationNode, keepOverlapping)
-                self._parameterNode.outputSegmentation = segmentationNode
-                self.ui.statusLabel.text = self.logic.summary(task.result, warnings)
+            try:
+                with slicer.util.tryWithErrorDisplay(_("Segmentation failed; nothing was changed in the scene."),
+                                                     waitCursor=True):
+                    segmentationNode = self.logic.finish(task, volumeNode, segmentationNode, keepOverlapping)
+            except Exception as error:  # already shown in a dialog
+                self.ui.statusLabel.text = _("Failed: {error}").format(error=error)
                 return
-            self.ui.statusLabel.text = _("Failed: {error}").format(error=task.error)
+            self._parameterNode.outputSegmentation = segmentationNode
+            self.ui.statusLabel.text = self.logic.summary(task.result, warnings)
         finally:
             self._updateButtons()
 
@@ -328,6 +330,24 @@ class MedicalSAM3Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         editor.setSegmentationNode(segmentationNode)
         if volumeNode:
             editor.setSourceVolumeNode(volumeNode)
+
+
+class _shownErrors:
+    """Ends a Qt slot quietly after ``tryWithErrorDisplay`` has shown its error in a dialog (it re-raises),
+    keeping the message in the panel's status line."""
+
+    def __init__(self, statusLabel) -> None:
+        self._statusLabel = statusLabel
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace) -> bool:
+        if kind is None or not issubclass(kind, Exception):
+            return False
+        logging.info("Medical SAM3: %s", error)
+        self._statusLabel.text = str(error)
+        return True
 
 
 class MedicalSAM3Logic(ScriptedLoadableModuleLogic):
