@@ -493,16 +493,26 @@ def check_complete(converted: ConvertedCheckpoint, source: str = "checkpoint") -
         raise ModelLoadError(f"{source}: cannot convert to transformers' SAM3: " + "; ".join(problems))
 
 
-def instantiate(converted: ConvertedCheckpoint) -> torch.nn.Module:
-    """The transformers model holding the converted weights (strict load, weights assigned)."""
+def save_converted(converted: ConvertedCheckpoint, folder: Union[str, Path]) -> None:
+    """Write ``config.json`` + safetensors of the converted weights (strict load into the model first)."""
     model = _empty_model(converted)
     model.load_state_dict(converted.state_dict, strict=True, assign=True)
-    # non-persistent buffers (rotary tables, position ids) are rebuilt from the config on CPU
-    for name, module in model.named_modules():
-        for buffer_name, buffer in list(module._buffers.items()):
-            if buffer is not None and buffer.is_meta:
-                raise ModelLoadError(f"buffer {name}.{buffer_name} was not materialised")
-    return model.eval()
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(folder)
+
+
+def instantiate(converted: ConvertedCheckpoint) -> torch.nn.Module:
+    """The transformers model holding the converted weights, loaded as any saved model is.
+
+    Goes through :func:`save_converted` and ``from_pretrained`` (in a temporary folder) so that the
+    buffers transformers computes itself (rotary tables, position ids) are built from the config.
+    """
+    from transformers import Sam3Model, Sam3VideoModel
+
+    cls = Sam3VideoModel if converted.model_type == "sam3_video" else Sam3Model
+    with tempfile.TemporaryDirectory() as folder:
+        save_converted(converted, folder)
+        return cls.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,14 +530,15 @@ def load_checkpoint(path: Union[str, Path]) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" in str(error) or "Unsupported global" in str(error):
+        if "Unsupported global" in str(error) or "GLOBAL" in str(error):
             raise ModelLoadError(
                 f"{path}: refused: this file needs arbitrary Python code to load (pickled objects, not just "
                 "tensors), and loading it could run anything. Only weights-only checkpoints are read; if you "
                 "trust it, re-save its state dict with torch.save(model.state_dict(), ...) in the environment "
                 "that made it") from None
-        raise ModelLoadError(f"{path}: not a PyTorch checkpoint ({_first_line(error)})") from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as error:
+        raise ModelLoadError(f"{path}: not a PyTorch checkpoint (its bytes are not a torch.save file of "
+                             "tensors)") from None
+    except Exception as error:  # the unpickler fails on junk in many ways (IndexError, KeyError, ...)
         text = str(error)
         if any(s in text for s in ("central directory", "PytorchStreamReader", "unexpected EOF", "Ran out of input",
                                    "failed finding", "truncated", "invalid header")):
@@ -761,7 +772,6 @@ def convert_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], 
     a failed conversion leaves nothing behind.
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    tokenizer = build_clip_tokenizer(find_clip_bpe(bpe))  # fail before the heavy work
     state = read_meta_state_dict(checkpoint)
     adapter_path: Optional[Path] = Path(lora) if lora else None
     if is_lora_adapter(state):
@@ -779,13 +789,13 @@ def convert_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], 
         state = merge_lora(state, adapter, alpha=lora_alpha, source=str(adapter_path))
     converted = convert_state_dict(state, str(checkpoint), image_size=image_size)
     del state
-    model = instantiate(converted)
+    tokenizer = build_clip_tokenizer(find_clip_bpe(bpe))  # before writing anything
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ModelLoadError(f"{out_dir}: exists and is not empty; choose a new folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        model.save_pretrained(staging)
+        save_converted(converted, staging)
         tokenizer.save_pretrained(staging)
         _write_processor_config(staging, converted.image_size)
         (staging / CONVERTED_MARKER).write_text(json.dumps({

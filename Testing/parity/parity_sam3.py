@@ -1,0 +1,111 @@
+"""Numerical parity: Meta's SAM3 image model vs. our conversion of its weights into transformers' Sam3Model.
+
+Builds Meta's reference model (PyPI ``sam3``) with random weights (every parameter perturbed, so
+that zero- or one-initialised tensors also prove their mapping), converts its state dict with
+:func:`MedicalSAM3Core.inference.convert.convert_state_dict`, and runs both on one random image
+with one text prompt. Compares the per-query logits, the presence logit, the boxes (xyxy,
+normalised) and the mask logits, plus the token ids of the two tokenizers (Meta's SimpleTokenizer
+vs. our CLIPTokenizer built from the same BPE file). Prints the maximum absolute differences and
+writes them as JSON.
+
+Needs Meta's ``sam3`` package and its dependencies. As published it runs on CUDA (run there:
+``python Testing/parity/parity_sam3.py --device cuda``); see ``RESULTS.md`` next to this file for
+what was measured and how.
+
+    python Testing/parity/parity_sam3.py --device cuda --output parity.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+
+def _cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float().cpu(), b.float().cpu()
+    if a.shape != b.shape:
+        raise SystemExit(f"shape mismatch {tuple(a.shape)} vs {tuple(b.shape)}")
+    return float((a - b).abs().max())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--prompt", default="liver")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--noise", type=float, default=0.02, help="std of the perturbation added to every parameter")
+    parser.add_argument("--bpe", help="CLIP BPE file (default: the one Meta's sam3 package uses)")
+    parser.add_argument("--output", type=Path, help="write the differences as JSON here")
+    args = parser.parse_args()
+
+    from sam3.model.data_misc import FindStage
+    from sam3.model_builder import build_sam3_image_model
+
+    from MedicalSAM3Core.inference.convert import build_clip_tokenizer, convert_state_dict, find_clip_bpe, instantiate
+
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    started = time.time()
+    meta = build_sam3_image_model(load_from_HF=False, device=device.type, eval_mode=True,
+                                  bpe_path=args.bpe).to(device).eval()
+    with torch.no_grad():
+        for parameter in meta.parameters():
+            parameter.add_(torch.randn_like(parameter) * args.noise)
+    converted = convert_state_dict({k: v.detach().cpu() for k, v in meta.state_dict().items()}, "meta sam3")
+    ours = instantiate(converted).to(device).eval()
+    image_size = converted.image_size
+
+    torch.manual_seed(args.seed + 1)
+    image = torch.rand(1, 3, image_size, image_size, device=device) * 2 - 1  # already normalised to [-1, 1]
+    tokenizer = build_clip_tokenizer(find_clip_bpe(args.bpe))
+    tokens = tokenizer([args.prompt], padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+    meta_tokens = meta.backbone.language_backbone.tokenizer([args.prompt], context_length=32)
+    n = int(tokens["attention_mask"].sum())
+
+    with torch.inference_mode():
+        backbone_out = meta.backbone.forward_image(image)
+        backbone_out.update(meta.backbone.forward_text([args.prompt], device=device))
+        find = FindStage(img_ids=torch.tensor([0], device=device, dtype=torch.long),
+                         text_ids=torch.tensor([0], device=device, dtype=torch.long), input_boxes=None,
+                         input_boxes_mask=None, input_boxes_label=None, input_points=None, input_points_mask=None)
+        reference = meta.forward_grounding(backbone_out=backbone_out, find_input=find,
+                                           geometric_prompt=meta._get_dummy_prompt(), find_target=None)
+        result = ours(pixel_values=image, input_ids=tokens["input_ids"].to(device),
+                      attention_mask=tokens["attention_mask"].to(device))
+
+    ref_logits = reference["pred_logits"].squeeze(-1)
+    diffs = {
+        "token_ids_equal": bool(torch.equal(meta_tokens[0, :n].cpu(), tokens["input_ids"][0, :n])),
+        "pred_logits": _max_diff(ref_logits, result.pred_logits),
+        "presence_logits": _max_diff(reference["presence_logit_dec"].reshape(-1), result.presence_logits.reshape(-1)),
+        "pred_boxes_xyxy": _max_diff(_cxcywh_to_xyxy(reference["pred_boxes"]), result.pred_boxes),
+        "pred_masks": _max_diff(reference["pred_masks"], result.pred_masks),
+        "pred_logits_scale": float(ref_logits.abs().max()),
+        "pred_masks_scale": float(reference["pred_masks"].abs().max()),
+        "device": str(device),
+        "image_size": image_size,
+        "prompt": args.prompt,
+        "torch": torch.__version__,
+        "seconds": round(time.time() - started, 1),
+    }
+    print(json.dumps(diffs, indent=2))
+    if args.output:
+        args.output.write_text(json.dumps(diffs, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
