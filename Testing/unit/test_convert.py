@@ -343,3 +343,51 @@ def test_hub_checkpoint_file_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
         models.resolve_model_dir("Chongcong/Medical-SAM3/medical_sam3.pt")
+
+
+@pytest.mark.slow
+def test_convert_command_writes_a_folder_that_segments(tmp_path, monkeypatch, phantom):
+    """The writing half end to end, on a tiny model with real tensors: config, safetensors, tokenizer
+    built from a BPE file, preprocessing, the conversion record; then load_model + segment.
+
+    (The mapping itself is what the manifest tests and Testing/parity check; here it is replaced by
+    the tiny transformers model's own state dict.)
+    """
+    from transformers import Sam3VideoModel
+
+    from MedicalSAM3Core.cli import main
+    from MedicalSAM3Core.common.options import SegmentOptions
+    from MedicalSAM3Core.common.volume import Volume
+    from MedicalSAM3Core.inference.engine import Segmenter
+    from MedicalSAM3Core.inference.models import load_model
+    from MedicalSAM3Core.inference.tiny import tiny_video_config
+
+    bpe = tmp_path / "bpe.txt.gz"
+    with gzip.open(bpe, "wt", encoding="utf-8") as handle:
+        handle.write("#version\nl i\nv e\nli ve\nlive r</w>\n")
+    config = tiny_video_config()
+    config.detector_config.text_config.vocab_size = 512 + 4 + 2
+    torch.manual_seed(0)
+    tiny = Sam3VideoModel(config).eval()
+
+    def tiny_conversion(state, source="checkpoint", image_size=None):
+        assert set(state) == {"detector.backbone.vision_backbone.trunk.pos_embed"}
+        return convert.ConvertedCheckpoint(state_dict=dict(tiny.state_dict()), config=config,
+                                           model_type="sam3_video", image_size=56, dropped=[])
+
+    monkeypatch.setattr(convert, "convert_state_dict", tiny_conversion)
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save({"model": {"detector.backbone.vision_backbone.trunk.pos_embed": torch.zeros(1, 17, 64)}}, checkpoint)
+    out = tmp_path / "converted"
+    assert main(["convert", str(checkpoint), str(out), "--bpe", str(bpe)]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer_config.json", "preprocessor_config.json",
+            convert.CONVERTED_MARKER} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / convert.CONVERTED_MARKER).read_text())["model_type"] == "sam3_video"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".converted.")]  # no staging left behind
+    model = load_model(str(out), device="cpu")
+    assert model.image_size == 56 and model.tokenizer("liver")["input_ids"] == [516, 515, 517]
+    for name, tensor in model.video.state_dict().items():
+        assert torch.equal(tensor, tiny.state_dict()[name]), name
+    result = Segmenter(model).segment(Volume(phantom, modality="CT"), ["liver"], SegmentOptions(mode="slices"))
+    assert result.label_map.shape == phantom.shape
+    assert main(["convert", str(checkpoint), str(out), "--bpe", str(bpe)]) == 2  # never overwrites
