@@ -329,9 +329,14 @@ class ConvertedCheckpoint:
     dropped: list[str]
 
 
+_IMAGE_MODEL_TRACKER = "inst_interactive_predictor.model."
+
+
 def split_checkpoint(state: Mapping[str, Tensor], source: str = "checkpoint") -> tuple[StateDict, Optional[StateDict]]:
     """Split a Meta-layout state dict into (detector, tracker) parts, prefixes removed.
 
+    The tracker is found under ``tracker.`` (video model) or ``inst_interactive_predictor.model.``
+    (Meta's image model built with ``enable_inst_interactivity``: the same tracker weights).
     ``tracker`` is None for an image-only (2D) checkpoint. Raises :class:`ModelLoadError` if the
     keys are not SAM3's.
     """
@@ -343,6 +348,8 @@ def split_checkpoint(state: Mapping[str, Tensor], source: str = "checkpoint") ->
             detector[key[len("detector."):]] = tensor
         elif key.startswith("tracker."):
             tracker[key[len("tracker."):]] = tensor
+        elif key.startswith(_IMAGE_MODEL_TRACKER):  # image model built with instance interactivity
+            tracker[key[len(_IMAGE_MODEL_TRACKER):]] = tensor
         else:
             detector[key] = tensor
     if not any(k.startswith("backbone.vision_backbone.trunk.") for k in detector):
@@ -387,9 +394,8 @@ def sam3_configs(image_size: int = DEFAULT_IMAGE_SIZE, video: bool = True):
     for vision in (detector["vision_config"], tracker["vision_config"]):
         vision["backbone_config"]["image_size"] = image_size
         vision["backbone_feature_sizes"] = feature_sizes
-    detector["image_size"] = image_size if "image_size" in detector else None
-    if detector["image_size"] is None:
-        del detector["image_size"]
+    if "image_size" in detector:
+        detector["image_size"] = image_size
     tracker["image_size"] = image_size
     tracker["prompt_encoder_config"]["image_size"] = image_size
     tracker["memory_attention_rope_feat_sizes"] = [grid, grid]

@@ -105,6 +105,15 @@ def test_ddp_module_prefix_and_state_dict_wrapper(video_state):
     load_strict(convert_state_dict(state))
 
 
+def test_image_model_with_instance_interactivity_keeps_its_tracker(video_state):
+    state = {k.removeprefix("detector."): v for k, v in video_state.items() if k.startswith("detector.")}
+    state.update({"inst_interactive_predictor.model." + k.removeprefix("tracker."): v
+                  for k, v in video_state.items() if k.startswith("tracker.")})
+    converted = convert_state_dict(state)
+    assert converted.model_type == "sam3_video"
+    load_strict(converted)
+
+
 def test_unknown_key_is_an_error_that_names_it(video_state):
     state = dict(video_state)
     state["detector.backbone.vision_backbone.trunk.blocks.0.attn.lora_magnitude"] = torch.empty(3, device="meta")
