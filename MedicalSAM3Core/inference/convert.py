@@ -15,7 +15,8 @@ DDP ``module.`` prefix):
 * Medical SAM3 2D: the detector alone, keys with or without ``detector.`` -> ``Sam3Model``.
 * Medical SAM3 3D: like SAM3, built at image size 504; the image size is read from the
   resolution-dependent rotary buffers (``freqs_cis``), which are then dropped: transformers
-  rebuilds them from the config.
+  rebuilds them from the config. Layer counts are read from the keys too (:func:`infer_depths`);
+  widths and head counts are SAM3's (a different width is a shape error, not a silent load).
 * MedSAM3 LoRA adapters: merged into a base checkpoint (``W + alpha / r * B @ A``) before
   conversion, see :func:`merge_lora`.
 
@@ -376,26 +377,70 @@ def infer_image_size(detector: Mapping[str, Tensor], default: int = DEFAULT_IMAG
     return grid * PATCH_SIZE
 
 
-def sam3_configs(image_size: int = DEFAULT_IMAGE_SIZE, video: bool = True):
-    """transformers config of full-size SAM3 at ``image_size`` (1008 as published, 504 for Medical SAM3 3D).
+def _count(keys: Iterable[str], pattern: str) -> int:
+    compiled = re.compile(pattern)
+    indices = {int(m.group(1)) for k in keys if (m := compiled.match(k)) is not None}
+    return max(indices) + 1 if indices else 0
+
+
+def infer_depths(detector: Mapping[str, Tensor], tracker: Optional[Mapping[str, Tensor]]) -> dict[str, object]:
+    """Layer counts (and the ViT's global-attention blocks) of a Meta-layout checkpoint.
+
+    SAM3 as published: 32 ViT blocks (global attention in 7, 15, 23, 31), 24 text layers, 3
+    geometry, 6 DETR encoder, 6 DETR decoder and 4 memory-attention layers. Global blocks are those
+    whose rotary table covers the whole grid (more rows than the windowed blocks' table).
+    """
+    depths: dict[str, object] = {
+        "vit": _count(detector, r"backbone\.vision_backbone\.trunk\.blocks\.(\d+)\."),
+        "text": _count(detector, r"backbone\.language_backbone\.encoder\.transformer\.resblocks\.(\d+)\."),
+        "geometry": _count(detector, r"geometry_encoder\.encode\.(\d+)\."),
+        "detr_encoder": _count(detector, r"transformer\.encoder\.layers\.(\d+)\."),
+        "detr_decoder": _count(detector, r"transformer\.decoder\.layers\.(\d+)\."),
+        "memory_attention": _count(tracker or {}, r"transformer\.encoder\.layers\.(\d+)\."),
+    }
+    rows = {int(k.split(".")[4]): t.shape[0] for k, t in detector.items()
+            if re.fullmatch(r"backbone\.vision_backbone\.trunk\.blocks\.\d+\.attn\.freqs_cis", k)}
+    if rows and len(set(rows.values())) > 1:
+        depths["global_attention"] = sorted(i for i, n in rows.items() if n == max(rows.values()))
+    return depths
+
+
+def sam3_configs(image_size: int = DEFAULT_IMAGE_SIZE, video: bool = True, depths: Optional[Mapping] = None):
+    """transformers config of SAM3 at ``image_size`` (1008 as published, 504 for Medical SAM3 3D).
 
     Every resolution-dependent field is derived from ``image_size``: ViT image size, FPN feature
-    sizes, tracker prompt-encoder size, memory-attention RoPE grid and low-res mask size.
+    sizes, tracker prompt-encoder size, memory-attention RoPE grid and low-res mask size. Widths
+    and head counts are SAM3's; layer counts come from ``depths`` (:func:`infer_depths`) where
+    given, else SAM3's.
     """
     from transformers import Sam3Config, Sam3VideoConfig
 
     if image_size % PATCH_SIZE or image_size <= 0:
         raise ModelLoadError(f"image size {image_size} is not a positive multiple of the patch size {PATCH_SIZE}")
+    depths = dict(depths or {})
     grid = image_size // PATCH_SIZE
     video_config = Sam3VideoConfig()
     detector = video_config.detector_config.to_dict()
     tracker = video_config.tracker_config.to_dict()
     feature_sizes = [[4 * grid] * 2, [2 * grid] * 2, [grid] * 2]
     for vision in (detector["vision_config"], tracker["vision_config"]):
-        vision["backbone_config"]["image_size"] = image_size
+        backbone = vision["backbone_config"]
+        backbone["image_size"] = image_size
         vision["backbone_feature_sizes"] = feature_sizes
+        if depths.get("vit"):
+            backbone["num_hidden_layers"] = depths["vit"]
+            backbone["global_attn_indexes"] = list(depths.get("global_attention") or [
+                i for i in backbone["global_attn_indexes"] if i < depths["vit"]])
     if "image_size" in detector:
         detector["image_size"] = image_size
+    for key, section, field in (("text", "text_config", "num_hidden_layers"),
+                                ("geometry", "geometry_encoder_config", "num_layers"),
+                                ("detr_encoder", "detr_encoder_config", "num_layers"),
+                                ("detr_decoder", "detr_decoder_config", "num_layers")):
+        if depths.get(key):
+            detector[section][field] = depths[key]
+    if depths.get("memory_attention"):
+        tracker["memory_attention_num_layers"] = depths["memory_attention"]
     tracker["image_size"] = image_size
     tracker["prompt_encoder_config"]["image_size"] = image_size
     tracker["memory_attention_rope_feat_sizes"] = [grid, grid]
@@ -458,7 +503,7 @@ def convert_state_dict(state: Mapping[str, Tensor], source: str = "checkpoint",
     if unknown:
         raise ModelLoadError(f"{source}: {len(unknown)} key(s) that are not part of SAM3 (another model, or a "
                              f"newer SAM3?): {_listing(unknown)}")
-    config = sam3_configs(size, video=video)
+    config = sam3_configs(size, video=video, depths=infer_depths(detector, tracker))
     converted = ConvertedCheckpoint(state_dict=out, config=config, model_type="sam3_video" if video else "sam3",
                                     image_size=size, dropped=sorted(unused))
     check_complete(converted, source)

@@ -41,6 +41,23 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
+def _fewer_layers() -> None:
+    """Build Meta's model with SAM3's widths but 2 ViT blocks (one global), 1 text, geometry, DETR
+    encoder and decoder layer: the same code paths, a fraction of the compute (for CPU runs)."""
+    import sam3.model_builder as builder
+
+    forced = {"ViT": dict(depth=2, global_att_blocks=(1,)), "VETextEncoder": dict(layers=1),
+              "TransformerEncoderFusion": dict(num_layers=1), "TransformerDecoder": dict(num_layers=1),
+              "SequenceGeometryEncoder": dict(num_layers=1)}
+    for name, overrides in forced.items():
+        cls = getattr(builder, name)
+
+        def build(*args, _cls=cls, _overrides=overrides, **kwargs):
+            return _cls(*args, **{**kwargs, **_overrides})
+
+        setattr(builder, name, build)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -49,7 +66,11 @@ def main() -> int:
     parser.add_argument("--noise", type=float, default=0.02, help="std of the perturbation added to every parameter")
     parser.add_argument("--bpe", help="CLIP BPE file (default: the one Meta's sam3 package uses)")
     parser.add_argument("--output", type=Path, help="write the differences as JSON here")
+    parser.add_argument("--fewer-layers", action="store_true",
+                        help="SAM3's widths with 2 ViT blocks and 1 layer elsewhere (a CPU-sized check)")
     args = parser.parse_args()
+    if args.fewer_layers:
+        _fewer_layers()
 
     from sam3.model.data_misc import FindStage
     from sam3.model_builder import build_sam3_image_model
@@ -97,6 +118,7 @@ def main() -> int:
         "pred_masks_scale": float(reference["pred_masks"].abs().max()),
         "device": str(device),
         "image_size": image_size,
+        "fewer_layers": args.fewer_layers,
         "prompt": args.prompt,
         "torch": torch.__version__,
         "seconds": round(time.time() - started, 1),
