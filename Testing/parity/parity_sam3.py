@@ -3,10 +3,14 @@
 Builds Meta's reference model (PyPI ``sam3``) with random weights (every parameter perturbed, so
 that zero- or one-initialised tensors also prove their mapping), converts its state dict with
 :func:`MedicalSAM3Core.inference.convert.convert_state_dict`, and runs both on one random image
-with one text prompt. Compares the per-query logits, the presence logit, the boxes (xyxy,
-normalised) and the mask logits, plus the token ids of the two tokenizers (Meta's SimpleTokenizer
-vs. our CLIPTokenizer built from the same BPE file). Prints the maximum absolute differences and
-writes them as JSON.
+with a text prompt, and with a text prompt plus a box. Compares the FPN features, the text
+features, the per-query logits, the presence logit, the boxes (xyxy, normalised) and the mask
+logits, plus the token ids of the two tokenizers (Meta's SimpleTokenizer vs. our CLIPTokenizer
+built from the same BPE file). Prints the maximum absolute differences and writes them as JSON.
+
+Text alone is not the same computation in the two implementations: Meta always runs its geometry
+encoder (on an empty prompt it still contributes a CLS token to the prompt sequence), transformers'
+Sam3Model skips it when no box is given. The text + box case runs the same graph in both.
 
 Needs Meta's ``sam3`` package and its dependencies. As published it runs on CUDA (run there:
 ``python Testing/parity/parity_sam3.py --device cuda``); see ``RESULTS.md`` next to this file for
@@ -96,30 +100,67 @@ def main() -> int:
     meta_tokens = meta.backbone.language_backbone.tokenizer([args.prompt], context_length=32)
     n = int(tokens["attention_mask"].sum())
 
-    with torch.inference_mode():
+    box = [0.45, 0.5, 0.3, 0.4]  # cx, cy, w, h normalised
+
+    def meta_forward(with_box: bool) -> dict:
         backbone_out = meta.backbone.forward_image(image)
         backbone_out.update(meta.backbone.forward_text([args.prompt], device=device))
         find = FindStage(img_ids=torch.tensor([0], device=device, dtype=torch.long),
                          text_ids=torch.tensor([0], device=device, dtype=torch.long), input_boxes=None,
                          input_boxes_mask=None, input_boxes_label=None, input_points=None, input_points_mask=None)
-        reference = meta.forward_grounding(backbone_out=backbone_out, find_input=find,
-                                           geometric_prompt=meta._get_dummy_prompt(), find_target=None)
-        result = ours(pixel_values=image, input_ids=tokens["input_ids"].to(device),
-                      attention_mask=tokens["attention_mask"].to(device))
+        prompt = meta._get_dummy_prompt()
+        if with_box:
+            prompt.append_boxes(torch.tensor(box, device=device).view(1, 1, 4),
+                                torch.tensor([True], device=device).view(1, 1))
+        out = meta.forward_grounding(backbone_out=backbone_out, find_input=find, geometric_prompt=prompt,
+                                     find_target=None)
+        out["_backbone"] = backbone_out
+        return out
 
-    ref_logits = reference["pred_logits"].squeeze(-1)
+    def our_forward(with_box: bool):
+        extra = {}
+        if with_box:
+            extra = dict(input_boxes=torch.tensor([[box]], device=device),
+                         input_boxes_labels=torch.ones(1, 1, dtype=torch.long, device=device))
+        return ours(pixel_values=image, input_ids=tokens["input_ids"].to(device),
+                    attention_mask=tokens["attention_mask"].to(device), **extra)
+
+    def compare(reference: dict, result) -> dict:
+        ref_logits = reference["pred_logits"].squeeze(-1)
+        return {"pred_logits": _max_diff(ref_logits, result.pred_logits),
+                "presence_logits": _max_diff(reference["presence_logit_dec"].reshape(-1),
+                                             result.presence_logits.reshape(-1)),
+                "pred_boxes_xyxy": _max_diff(_cxcywh_to_xyxy(reference["pred_boxes"]), result.pred_boxes),
+                "pred_masks": _max_diff(reference["pred_masks"], result.pred_masks),
+                "pred_logits_scale": float(ref_logits.abs().max()),
+                "pred_masks_scale": float(reference["pred_masks"].abs().max())}
+
+    with torch.inference_mode():
+        text_only = meta_forward(with_box=False)
+        with_box = meta_forward(with_box=True)
+        vision = ours.get_vision_features(pixel_values=image)
+        text = ours.get_text_features(input_ids=tokens["input_ids"].to(device),
+                                      attention_mask=tokens["attention_mask"].to(device), return_dict=True)
+        ours_text_only = our_forward(with_box=False)
+        ours_with_box = our_forward(with_box=True)
+
+    backbone = text_only["_backbone"]
+    meta_text = backbone["language_features"]  # [L, B, C], sequence first
+    meta_text = meta_text.transpose(0, 1) if meta_text.shape[1] == 1 else meta_text
     diffs = {
         "token_ids_equal": bool(torch.equal(meta_tokens[0, :n].cpu(), tokens["input_ids"][0, :n])),
-        "pred_logits": _max_diff(ref_logits, result.pred_logits),
-        "presence_logits": _max_diff(reference["presence_logit_dec"].reshape(-1), result.presence_logits.reshape(-1)),
-        "pred_boxes_xyxy": _max_diff(_cxcywh_to_xyxy(reference["pred_boxes"]), result.pred_boxes),
-        "pred_masks": _max_diff(reference["pred_masks"], result.pred_masks),
-        "pred_logits_scale": float(ref_logits.abs().max()),
-        "pred_masks_scale": float(reference["pred_masks"].abs().max()),
+        "vision_fpn": [_max_diff(m, h) for m, h in zip(backbone["backbone_fpn"], vision.fpn_hidden_states)],
+        "vision_fpn_scale": [float(m.abs().max()) for m in backbone["backbone_fpn"]],
+        "text_features_valid_tokens": _max_diff(meta_text[:, :n], text.pooler_output[:, :n]),
+        "text_features_scale": float(meta_text[:, :n].abs().max()),
+        "text_and_box": compare(with_box, ours_with_box),
+        "text_only": compare(text_only, ours_text_only),
         "device": str(device),
         "image_size": image_size,
         "fewer_layers": args.fewer_layers,
         "prompt": args.prompt,
+        "box_cxcywh": box,
+        "noise": args.noise,
         "torch": torch.__version__,
         "seconds": round(time.time() - started, 1),
     }
