@@ -3,6 +3,7 @@
     medsam3 segment ct.nii.gz --prompt liver --prompt spleen --model DIR_OR_HUB_ID -o liver_spleen.nii.gz
     medsam3 segment ct.nii.gz --prompt liver --server https://gpu-box:8765 --token-file token.txt
     medsam3 serve --model DIR_OR_HUB_ID --host 0.0.0.0 --port 8765 --token-file token.txt
+    medsam3 convert sam3.pt sam3_hf/ [--lora best_lora_weights.pt]
 
 Exit codes: 0 success, 2 bad input / model error (message names the problem), 130 cancelled
 with Ctrl-C. No output file is written unless all of them could be written.
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("input", type=Path, help="NIfTI/NRRD/MHA file or a DICOM series folder")
     seg.add_argument("-p", "--prompt", action="append", required=True,
                      help="structure name, e.g. 'liver' (repeat, or separate with commas)")
-    seg.add_argument("-m", "--model", help="model folder or hub id (default: $MEDSAM3_MODEL, else the demo model)")
+    seg.add_argument("-m", "--model", help="model folder, hub id, or original .pt checkpoint (converted once, cached; "
+                                           "default: $MEDSAM3_MODEL, else the demo model)")
     seg.add_argument("-o", "--output", type=Path, help="label map path (.nii.gz/.nrrd/.mha; default "
                                                          "<input>_medsam3.nii.gz in the current folder)")
     seg.add_argument("--seg-nrrd", action="store_true", help="also write <output>.seg.nrrd for 3D Slicer")
@@ -119,6 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("token", help="write a new random access token to a file (owner-readable only)")
     tok.add_argument("output", type=Path)
 
+    conv = sub.add_parser("convert", help="convert an original SAM3 / Medical SAM3 .pt checkpoint (optionally with a "
+                                          "MedSAM3 LoRA adapter) to a transformers model folder",
+                          description="Convert Meta-layout SAM3 weights (sam3.pt, Medical SAM3 2D/3D) to a folder that "
+                                      "--model accepts (config, safetensors, tokenizer). Strict: unknown or missing "
+                                      "weights are an error. Checkpoints are read weights-only.")
+    conv.add_argument("input", type=Path, help="checkpoint .pt (or a LoRA adapter .pt, merged into --base)")
+    conv.add_argument("output", type=Path, help="new folder to write")
+    conv.add_argument("--lora", type=Path, help="LoRA adapter .pt to merge into the input (W + alpha/r * B A)")
+    conv.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (default 32, MedSAM3 v1; r is read "
+                                                                     "from the adapter)")
+    conv.add_argument("--base", help="when the input is a LoRA adapter: the base checkpoint .pt or a hub id whose "
+                                     "sam3.pt to use (default facebook/sam3)")
+    conv.add_argument("--image-size", type=int, help="override the input resolution read from the checkpoint")
+    conv.add_argument("--bpe", type=Path, help="CLIP bpe_simple_vocab_16e6.txt.gz (default: from an installed "
+                                               "open_clip_torch, or $MEDSAM3_CLIP_BPE)")
+
     sub.add_parser("prompts", help="list the prompt dictionary (canonical names and synonyms)")
     tiny = sub.add_parser("make-tiny-model", help="write a tiny RANDOM-WEIGHT SAM3 model (tests, smoke runs)")
     tiny.add_argument("output", type=Path)
@@ -145,6 +163,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             write_token(args.output)
             print(f"wrote a new access token to {args.output}; give it to 'medsam3 serve --token-file' and to "
                   "the clients (Slicer: Compute > Remote > token)")
+            return 0
+        if args.command == "convert":
+            from .inference.convert import convert_checkpoint
+
+            out = convert_checkpoint(args.input, args.output, lora=args.lora, base=args.base,
+                                     lora_alpha=args.lora_alpha, image_size=args.image_size, bpe=args.bpe)
+            print(f"wrote {out}; use it with: medsam3 segment CT.nii.gz -p liver --model {out}")
             return 0
         if args.command == "prompts":
             for concept in default_dictionary().concepts:

@@ -2,7 +2,9 @@
 
 A model is a folder with ``config.json`` + safetensors + tokenizer files (what
 ``save_pretrained`` writes), or a Hugging Face hub id (downloaded through ``huggingface_hub``,
-honouring ``HF_TOKEN`` and ``HF_HUB_OFFLINE``). A ``sam3_video`` model gives both inference
+honouring ``HF_TOKEN`` and ``HF_HUB_OFFLINE``), or an original SAM3 / Medical SAM3 ``.pt``
+checkpoint (local or ``org/name/file.pt`` on the hub), converted once into a cache
+(:mod:`.convert`). A ``sam3_video`` model gives both inference
 modes; a plain ``sam3`` (image) model gives ``slices`` mode only.
 
 What a model expects as input travels with it, so every model is fed what it was trained on:
@@ -33,7 +35,9 @@ from .cv_ops import install_offline_cv_ops
 log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+_HUB_FILE = re.compile(r"^([A-Za-z0-9][\w.-]*/[\w.-]+)/([\w./-]+\.(?:pt|pth))$")
+_CONVERTIBLE_SUFFIXES = (".pt", ".pth")
+_WEIGHT_SUFFIXES = (".bin", ".ckpt", ".safetensors")
 
 
 @dataclass
@@ -91,29 +95,47 @@ def choose_autocast(device: torch.device, dtype: str = "auto") -> Optional[torch
 
 
 def resolve_model_dir(source: str) -> Path:
-    """A local model folder for ``source`` (a folder or a hub id), downloading if needed."""
+    """A local transformers-format folder for ``source``, downloading or converting if needed.
+
+    ``source`` is a model folder, a hub id (``org/name``), an original ``.pt`` checkpoint (SAM3,
+    Medical SAM3; converted on first use into a cache keyed by the file's sha256, see
+    :mod:`.convert`), or a checkpoint file on the hub, ``org/name/file.pt``.
+    """
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path}: folder has no config.json; it is not a transformers-format model")
         return path
     if path.is_file():
+        if path.suffix.lower() in _CONVERTIBLE_SUFFIXES:
+            from .convert import converted_model_dir
+
+            return converted_model_dir(path)
         if path.suffix.lower() in _WEIGHT_SUFFIXES:
             raise ModelLoadError(
-                f"{path}: a bare checkpoint file; give the folder that holds it with its config.json "
-                "(converting original SAM3 / Medical SAM3 .pt checkpoints is not supported yet)")
+                f"{path}: a bare weights file; give the folder that holds it with its config.json, or an "
+                "original SAM3 / Medical SAM3 checkpoint (.pt/.pth)")
         raise ModelLoadError(f"{path}: not a model folder")
+    hub_file = _HUB_FILE.match(source)
+    if hub_file and not source.startswith((".", "/", "~")):
+        from .convert import converted_model_dir
+
+        return converted_model_dir(_download_file(hub_file.group(1), hub_file.group(2)))
     if not _HUB_ID.match(source) or source.startswith((".", "/", "~")):
         raise ModelLoadError(f"{source}: no such model folder (and not a hub id of the form 'org/name')")
-    return _download(source)
+    folder = _download(source)
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{source}: the hub repository has no transformers config.json; if it holds an "
+                             f"original checkpoint, give it as {source}/FILE.pt (converted on first use)")
+    return folder
 
 
-def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError)
+def _hub_errors(repo_id: str, call):
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+        return call()
     except GatedRepoError:
         raise ModelLoadError(
             f"{repo_id} is gated: request access on its Hugging Face page, then log in with "
@@ -125,8 +147,23 @@ def _download(repo_id: str) -> Path:
         why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
         raise ModelLoadError(f"{repo_id} is not in the local Hugging Face cache and {why}; "
                              "download it once with network access or give a local folder") from None
+    except EntryNotFoundError:
+        raise ModelLoadError(f"{repo_id}: no such file in the hub repository") from None
     except Exception as error:  # network errors of many kinds
         raise ModelLoadError(f"{repo_id}: download failed: {error}") from None
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    return Path(_hub_errors(repo_id, lambda: snapshot_download(
+        repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])))
+
+
+def _download_file(repo_id: str, filename: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    return Path(_hub_errors(f"{repo_id}/{filename}", lambda: hf_hub_download(repo_id, filename)))
 
 
 def load_model(source: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:

@@ -155,8 +155,11 @@ def test_unknown_model_paths_and_ids_are_clear_errors(tmp_path):
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_model(str(tmp_path / "empty"))
     (tmp_path / "weights.pt").write_bytes(b"x")
-    with pytest.raises(ModelLoadError, match="bare checkpoint"):
+    with pytest.raises(ModelLoadError, match="not a PyTorch checkpoint"):
         load_model(str(tmp_path / "weights.pt"))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="bare weights file"):
+        load_model(str(tmp_path / "weights.bin"))
     with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE"):
         load_model("someone/not-cached-model")
 
