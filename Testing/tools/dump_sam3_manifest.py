@@ -1,4 +1,4 @@
-"""Write the key -> [shape, dtype] manifest of Meta's SAM3 state dicts (Testing/data/sam3_manifest_*.json.gz).
+"""Write the key -> [shape, dtype] manifest of Meta's SAM3 state dicts (Testing/data/sam3_manifest_*.json).
 
 Needs Meta's ``sam3`` package importable (``pip download --no-deps sam3==0.1.4``, installed with
 its small pure-Python dependencies: iopath, portalocker, timm, ftfy, einops, pycocotools) and CLIP's
@@ -7,16 +7,16 @@ weights are allocated: parameters and buffers go to the meta device. As publishe
 creates two tensors with ``device="cuda"`` while building (``position_encoding.py``,
 ``decoder.py``); on a machine without CUDA patch those two to ``"cpu"`` in your local copy.
 
-    python Testing/tools/dump_sam3_manifest.py video Testing/data/sam3_manifest_video.json.gz
-    python Testing/tools/dump_sam3_manifest.py image Testing/data/sam3_manifest_image.json.gz
+    python Testing/tools/dump_sam3_manifest.py video Testing/data/sam3_manifest_video.json
+    python Testing/tools/dump_sam3_manifest.py image Testing/data/sam3_manifest_image.json
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -55,8 +55,7 @@ def main() -> int:
     version = getattr(sam3, "__version__", "unknown")
     data = {"generated_by": f"Testing/tools/dump_sam3_manifest.py {args.which} with sam3 {version}, torch "
                             f"{torch.__version__}. {args.note}".strip(), "keys": keys}
-    with gzip.GzipFile(args.output, "wb", mtime=0) as handle:
-        handle.write(json.dumps(data, indent=0).encode())
+    Path(args.output).write_text(json.dumps(data, indent=0) + "\n", encoding="utf-8")
     print(f"{len(keys)} keys -> {args.output}", file=sys.stderr)
     return 0
 

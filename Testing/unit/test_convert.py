@@ -1,7 +1,7 @@
 """Converting original SAM3 / Medical SAM3 / MedSAM3-LoRA checkpoints (issue #3).
 
 Without the real weights: state dicts are synthesised from the committed manifests of Meta's
-SAM3 state dicts (``Testing/data/sam3_manifest_*.json.gz``, key -> shape, dtype), as meta tensors
+SAM3 state dicts (``Testing/data/sam3_manifest_*.json``, key -> shape, dtype), as meta tensors
 (shapes only, no memory), converted, and loaded into transformers' full-size models built on the
 meta device with ``strict=True``. Tensor layout changes are checked on real tensors.
 """
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def manifest(name: str) -> dict[str, torch.Tensor]:
-    data = json.loads(gzip.open(DATA / f"sam3_manifest_{name}.json.gz").read())
+    data = json.loads((DATA / f"sam3_manifest_{name}.json").read_text())
     assert "sam3" in data["generated_by"]
     return {k: torch.empty(shape, dtype=getattr(torch, dtype), device="meta") for k, (shape, dtype) in
             data["keys"].items()}
