@@ -12,3 +12,18 @@ def make_phantom(shape=(10, 40, 48), seed=0) -> np.ndarray:
     array[((y + 0.2) / 0.35) ** 2 + ((x + 0.35) / 0.3) ** 2 + (z / 0.9) ** 2 < 1] = 60.0
     array[((y - 0.2) / 0.2) ** 2 + ((x - 0.4) / 0.2) ** 2 < 1] = 200.0
     return (array + rng.normal(0, 10, shape)).astype(np.int16)
+
+
+RAS_STORED = (-1, 0, 0, 0, -1, 0, 0, 0, 1)  # a NIfTI written from RAS arrays: i -> right, j -> anterior
+
+
+def stored_ras_wise(volume):
+    """The same patient stored RAS-wise: both in-plane array axes reversed, directions negated, origin
+    moved to the other corner, so every voxel keeps its physical position."""
+    from MedicalSAM3Core.common.volume import Geometry, Volume
+
+    z, y, x = volume.shape
+    g = volume.geometry
+    corner = np.array(g.origin) + np.array([(x - 1) * g.spacing[0], (y - 1) * g.spacing[1], 0.0])
+    twin_geometry = Geometry(spacing=g.spacing, origin=tuple(corner), direction=RAS_STORED)
+    return Volume(np.ascontiguousarray(volume.array[:, ::-1, ::-1]), twin_geometry, modality="CT")

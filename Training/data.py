@@ -56,6 +56,7 @@ from MedicalSAM3Core.imaging.io import read_volume
 from MedicalSAM3Core.preprocessing.intensity import (DEFAULT_PERCENTILES, IntensitySpec, detect_modality,
                                                      spec_for, to_model_input)
 from MedicalSAM3Core.preprocessing.layout import SliceLayout, pixel_spacing
+from MedicalSAM3Core.preprocessing.orientation import SliceOrientation
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,7 @@ class SliceDataset(Dataset):
     """Every (slice, concept) pair of the cases of one split; see the module docstring.
 
     ``preprocess``: ``image_size``, ``mean``, ``std`` and the model's ``medsam3_preprocessing.json``
-    keys (``window``, ``field_of_view_mm``). ``seed`` + the item index seed the augmentation.
+    keys (``window``, ``field_of_view_mm``, ``orientation``). ``seed`` + the item index seed the augmentation.
     """
 
     spec: DatasetSpec
@@ -283,8 +284,12 @@ class SliceDataset(Dataset):
         image, label, modality = self._volume(triplet.case)
         rng = np.random.default_rng([self.seed, self.epoch, item])
         size = int(self.preprocess["image_size"])
-        raw = np.asarray(image.array[triplet.slice], dtype=np.float32)
-        layout = SliceLayout.from_policy(self.preprocess, raw.shape, pixel_spacing(image.geometry.spacing, 0), size)
+        orientation = SliceOrientation.for_volume(image.geometry.direction, 0,
+                                                  self.preprocess.get("orientation") or "stored")
+        stored_shape = image.shape[1:]
+        raw = np.ascontiguousarray(orientation.apply(np.asarray(image.array[triplet.slice], dtype=np.float32)))
+        layout = SliceLayout.from_policy(self.preprocess, raw.shape,
+                                         orientation.spacing(*pixel_spacing(image.geometry.spacing, 0)), size)
         spec = self.intensity(image, modality, triplet.concept)
         if self.augment.active:
             layout = _jitter_layout(layout, self.augment, rng)
@@ -299,9 +304,10 @@ class SliceDataset(Dataset):
         masks = []
         case = self.cases[triplet.case]
         if label is None:
-            instances = [coco_mask(seg, raw.shape) for concept, seg in case.annotations if concept == triplet.concept]
+            instances = [coco_mask(seg, stored_shape) for concept, seg in case.annotations if concept == triplet.concept]
         else:
             instances = [label[triplet.slice] == value for value in self._values[triplet.concept]]
+        instances = [np.ascontiguousarray(orientation.apply(instance)) for instance in instances]
         for instance in instances:
             if not instance.any():
                 continue

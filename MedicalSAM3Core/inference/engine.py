@@ -43,6 +43,7 @@ from ..common.result import LabelInfo, SegmentationResult, pack_mask
 from ..common.volume import Volume
 from ..preprocessing.intensity import IntensitySpec, detect_modality, spec_for, to_model_input
 from ..preprocessing.layout import SliceLayout, pixel_spacing
+from ..preprocessing.orientation import SliceOrientation
 from .merging import VolumeAccumulator, clean_up, label_capacity
 from .models import LoadedModel
 
@@ -153,8 +154,10 @@ class Segmenter:
             log.warning(warnings[-1])
 
         axis = SLICE_AXES[options.slice_axis]
-        view = np.moveaxis(volume.array, axis, 0)  # (s, rows, cols), a view
-        groups = self._intensity_groups(volume, resolved, options)
+        orientation = SliceOrientation.for_volume(volume.geometry.direction, axis,
+                                                  self.model.preprocessing.get("orientation") or "stored")
+        view = orientation.apply(np.moveaxis(volume.array, axis, 0))  # (s, rows, cols) as the model sees them
+        groups = self._intensity_groups(volume, resolved, options, orientation)
         texts = self.embed_text([p.model_text for p in resolved])
 
         n_slices = view.shape[0]
@@ -173,15 +176,18 @@ class Segmenter:
             for track, anchor in tracks:
                 self._run_propagate(view, track, anchor, texts, options, accumulator, tracker)
 
-        return self._finish(volume, resolved, accumulator, axis, mode, options, groups, warnings)
+        return self._finish(volume, resolved, accumulator, axis, orientation, mode, options, groups, warnings)
 
     # -- grouping by intensity mapping -----------------------------------------------------------
-    def _intensity_groups(self, volume: Volume, prompts: list[ResolvedPrompt], options: SegmentOptions) -> list[_Group]:
+    def _intensity_groups(self, volume: Volume, prompts: list[ResolvedPrompt], options: SegmentOptions,
+                          orientation: SliceOrientation = SliceOrientation()) -> list[_Group]:
         fixed = self.model.preprocessing.get("window")  # a model trained on one window is always fed it
         axis = SLICE_AXES[options.slice_axis]
-        slice_shape = tuple(n for a, n in enumerate(volume.shape) if a != axis)
+        rows, cols = (n for a, n in enumerate(volume.shape) if a != axis)
+        slice_shape = (cols, rows) if orientation.transpose else (rows, cols)
         layout = SliceLayout.from_policy(self.model.preprocessing, slice_shape,
-                                         pixel_spacing(volume.geometry.spacing, axis), self.model.image_size)
+                                         orientation.spacing(*pixel_spacing(volume.geometry.spacing, axis)),
+                                         self.model.image_size)
         declared = volume.modality if options.modality == "auto" else options.modality
         modality = detect_modality(volume.array, declared)
         groups: dict[IntensitySpec, _Group] = {}
@@ -350,14 +356,16 @@ class Segmenter:
 
     # -- result ----------------------------------------------------------------------------------
     def _finish(self, volume: Volume, prompts: list[ResolvedPrompt], accumulator: VolumeAccumulator, axis: int,
-                mode: str, options: SegmentOptions, groups: list[_Group], warnings: list[str]) -> SegmentationResult:
-        label_map = np.ascontiguousarray(np.moveaxis(accumulator.label_map, 0, axis))
-        if axis == 0:
+                orientation: SliceOrientation, mode: str, options: SegmentOptions, groups: list[_Group],
+                warnings: list[str]) -> SegmentationResult:
+        # back from (s, rows, cols) as the model saw them to the input's (z, y, x) grid
+        label_map = np.ascontiguousarray(np.moveaxis(orientation.restore(accumulator.label_map), 0, axis))
+        if axis == 0 and orientation.identity:
             packed = accumulator.packed
         else:
             cols = accumulator.shape[2]
-            packed = [pack_mask(np.moveaxis(np.unpackbits(p, axis=-1, count=cols).astype(bool), 0, axis))
-                      for p in accumulator.packed]
+            packed = [pack_mask(np.moveaxis(orientation.restore(np.unpackbits(p, axis=-1, count=cols).astype(bool)),
+                                            0, axis)) for p in accumulator.packed]
         if options.min_component_voxels > 0 or options.fill_holes:
             masks = [np.unpackbits(p, axis=-1, count=label_map.shape[2]).astype(bool) for p in packed]
             label_map, masks = clean_up(label_map, masks, options.min_component_voxels, options.fill_holes)

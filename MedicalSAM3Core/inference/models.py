@@ -14,6 +14,9 @@ image size (``config.json``), mean/std (``preprocessor_config.json``) and, in ou
 ``window``            a CT window preset the model was trained on (always used), or null
 ``field_of_view_mm``  slices are placed on a fixed physical field of view of this many mm
                       (see :mod:`MedicalSAM3Core.preprocessing.layout`), or null = stretch
+``orientation``       ``radiological``: every slice shown in the reading convention whatever the
+                      voxel order (:mod:`MedicalSAM3Core.preprocessing.orientation`); absent or
+                      ``stored``: slices as the array stores them
 """
 
 from __future__ import annotations
@@ -223,6 +226,10 @@ def read_preprocessing(model_dir: Path) -> dict:
         raise ModelLoadError(f"{path}: window {window!r} is not one of {', '.join(CT_WINDOWS)}")
     if fov is not None and (isinstance(fov, bool) or not isinstance(fov, (int, float)) or fov <= 0):
         raise ModelLoadError(f"{path}: field_of_view_mm must be a positive number of millimetres or null")
+    from ..preprocessing.orientation import POLICIES
+
+    if data.get("orientation") is not None and data["orientation"] not in POLICIES:
+        raise ModelLoadError(f"{path}: orientation {data['orientation']!r} is not one of {', '.join(POLICIES)}")
     return data
 
 

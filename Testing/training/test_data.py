@@ -163,3 +163,32 @@ def test_2d_images_and_coco_annotations(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(image), str(tmp_path / "imgs" / "unpaired.png"))
     with pytest.raises(InputError, match="unpaired: found in only one"):
         load_dataset(dataset_json)
+
+
+def test_training_slices_follow_the_same_orientation(tmp_path):
+    """A case stored RAS-wise gives the model exactly the pixels and masks of its LPS twin."""
+    import dataclasses
+
+    import SimpleITK as sitk
+
+    from MedicalSAM3Core.common.volume import Volume
+    from MedicalSAM3Core.imaging.io import image_from_array, read_volume
+    from phantoms import stored_ras_wise
+    from toydata import write_toy_dataset
+
+    dataset = write_toy_dataset(tmp_path / "toy", n_cases=1)
+    spec = load_dataset(dataset)
+    case = spec.cases[0]
+    image, label = read_volume(case.image), read_volume(case.label)
+    for path, volume in ((case.image, image), (case.label, label)):  # rewrite the case RAS-wise
+        twin = stored_ras_wise(Volume(volume.array, volume.geometry))
+        sitk.WriteImage(image_from_array(twin.array, twin.geometry), str(path).replace(".nii.gz", "_ras.nii.gz"))
+    ras = dataclasses.replace(case, id="ras", image=type(case.image)(str(case.image).replace(".nii.gz", "_ras.nii.gz")),
+                              label=type(case.label)(str(case.label).replace(".nii.gz", "_ras.nii.gz")))
+    preprocess = {"image_size": 56, "mean": [0.5] * 3, "std": [0.5] * 3, "orientation": "radiological"}
+    original, flipped = SliceDataset(spec, [case], preprocess), SliceDataset(spec, [ras], preprocess)
+    for i, t in enumerate(original.triplets):
+        j = next(j for j, u in enumerate(flipped.triplets) if (u.slice, u.concept) == (t.slice, t.concept))
+        x, y = original[i], flipped[j]
+        torch.testing.assert_close(x["pixel_values"], y["pixel_values"])
+        assert torch.equal(x["masks"], y["masks"])
