@@ -131,8 +131,13 @@ class LocalServer:
                 raise BackendError(f"the local engine did not start within {self.startup_timeout:.0f} s")
             time.sleep(0.1)
         port = int(port_file.read_text(encoding="utf-8").strip())
-        self._client = Client(f"http://127.0.0.1:{port}", token=self._token, timeout=120.0, poll_interval=0.25)
-        self._client.wait_until_ready(timeout=60.0, cancel=cancel)
+        client = Client(f"http://127.0.0.1:{port}", token=self._token, timeout=120.0, poll_interval=0.25)
+        try:
+            client.wait_until_ready(timeout=60.0, cancel=cancel)
+        except BaseException:  # a server that never answered is not kept for the next call
+            self._stop_locked()
+            raise
+        self._client = client
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the child (closing its stdin asks it to stop; killed if it does not within ``timeout``)."""

@@ -12,7 +12,6 @@ Nothing is installed at import time: :func:`ensure` is called when the user pres
 
 from __future__ import annotations
 
-import re
 from importlib import metadata
 from typing import Callable, Optional, Sequence
 
@@ -31,45 +30,19 @@ LOCAL_REQUIREMENTS = (
 REMOTE_OPTIONAL = ("zstandard>=0.22",)
 TORCH = "torch>=2.4"
 
-_REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*)$")
-_CLAUSE = re.compile(r"^(>=|<=|==|!=|<|>)\s*([0-9][0-9A-Za-z.]*)$")
-
-
-def _version_tuple(text: str) -> tuple:
-    parts = []
-    for piece in re.split(r"[.+-]", text):
-        match = re.match(r"^(\d+)", piece)
-        if not match:
-            break
-        parts.append(int(match.group(1)))
-    return tuple(parts)
-
-
 def satisfied(requirement: str, installed: Optional[str]) -> bool:
     """Whether ``installed`` (a version string, None = not installed) meets ``requirement``
-    (``name>=a,<b`` with numeric release versions, as in :data:`LOCAL_REQUIREMENTS`)."""
-    if installed is None:
-        return False
-    match = _REQUIREMENT.match(requirement)
-    if not match:
-        raise ValueError(f"cannot parse requirement {requirement!r}")
-    have = _version_tuple(installed)
-    for clause in filter(None, (c.strip() for c in match.group(2).split(","))):
-        parsed = _CLAUSE.match(clause)
-        if not parsed:
-            raise ValueError(f"cannot parse {clause!r} in {requirement!r}")
-        op, want = parsed.group(1), _version_tuple(parsed.group(2))
-        width = max(len(have), len(want))
-        a, b = have + (0,) * (width - len(have)), want + (0,) * (width - len(want))
-        if not {">=": a >= b, "<=": a <= b, "==": a == b, "!=": a != b, "<": a < b, ">": a > b}[op]:
-            return False
-    return True
+    (a PEP 508 requirement such as ``transformers>=5.0,<6``; ``packaging`` ships with Slicer)."""
+    from packaging.requirements import Requirement
+
+    return installed is not None and Requirement(requirement).specifier.contains(installed, prereleases=True)
 
 
 def installed_version(requirement: str) -> Optional[str]:
-    name = _REQUIREMENT.match(requirement).group(1)
+    from packaging.requirements import Requirement
+
     try:
-        return metadata.version(name)
+        return metadata.version(Requirement(requirement).name)
     except metadata.PackageNotFoundError:
         return None
 
