@@ -2,8 +2,19 @@
 
 Per image (one text prompt) and per decoder layer:
 
-* ``class``: sigmoid focal loss (alpha 0.25, gamma 2) on every query's logit; targets 1 for the
-  queries matched one-to-one to a ground truth, else 0 (all 0 for a negative: concept absent);
+* ``class`` on every query's logit, target 1 for the queries matched one-to-one to a ground truth,
+  else 0; one of (``Criterion.class_loss``):
+
+  - ``"focal"``: sigmoid focal loss (alpha 0.25, gamma 2), summed and normalised by the number of
+    instances (the Medical SAM3 recipe);
+  - ``"iabce"``: SAM3's IoU-aware BCE (``IABCEMdetr``): matched queries get BCE towards the soft
+    target ``prob**0.25 * IoU**0.75`` (detached, at least 0.01) weighted by ``pos_weight`` (10),
+    the others BCE towards 0 weighted by ``prob**2``; mean over the query slots;
+  - ``"bce"``: the same with target 1 for matched queries (scores then do not follow box quality).
+
+  As SAM3 trains it with a presence head, images without the concept get no class loss
+  (``class_on_absent=False``): recognising the concept is the presence token's job, the queries only
+  localise it ("decoupled recognition and localisation");
 * ``presence``: BCE of the presence logit against "the concept is in this image";
 * ``l1`` + ``giou``: box losses of the matched queries (boxes normalised cxcywh for L1, xyxy for GIoU);
 * ``mask`` (sigmoid focal) + ``dice``: last layer's masks of the matched queries against the
@@ -12,8 +23,8 @@ Per image (one text prompt) and per decoder layer:
 * ``o2m_class`` + ``o2m_l1`` + ``o2m_giou``: the same terms for the one-to-many assignment.
 
 Default weights are SAM3's training configuration (class 20, presence 20, L1 5, GIoU 2, mask 200,
-dice 10; as used by its ``IABCEMdetr``/``Boxes``/``Masks`` losses) with SAM3's IoU-aware BCE
-replaced by the focal loss the Medical SAM3 recipe names. Sums are normalised by the number of
+dice 10; as used by its ``IABCEMdetr``/``Boxes``/``Masks`` losses); the default class loss is the
+focal loss the Medical SAM3 recipe names. Sums are normalised by the number of
 ground-truth instances over the whole (distributed) batch, as DETR does, so a batch split
 across processes gives the same gradients as one process.
 """
@@ -26,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .matcher import MatchCosts, box_xyxy_to_cxcywh, generalized_box_iou, hungarian_match, match_cost, one_to_many_match
+from .matcher import MatchCosts, box_iou, box_xyxy_to_cxcywh, generalized_box_iou, hungarian_match, match_cost, one_to_many_match
 from .model import DetectorOutputs
 
 
@@ -71,6 +82,13 @@ class Criterion:
     costs: MatchCosts = field(default_factory=MatchCosts)
     o2m_k: int = 4
     o2m_iou: float = 0.5
+    class_loss: str = "focal"  # focal | iabce | bce (see the module docstring)
+    pos_weight: float = 10.0  # iabce/bce: weight of the matched queries' term (SAM3: 10)
+    class_on_absent: bool = False  # True: class loss (all targets 0) also where the concept is absent
+
+    def __post_init__(self) -> None:
+        if self.class_loss not in ("focal", "iabce", "bce"):
+            raise ValueError(f"class_loss must be focal, iabce or bce, got {self.class_loss!r}")
 
     def __call__(self, out: DetectorOutputs, targets: list[dict]) -> tuple[torch.Tensor, dict]:
         """``targets[b]``: ``{"boxes": (N, 4) xyxy in [0, 1], "masks": (N, S, S) bool}`` (N may be 0)."""
@@ -121,8 +139,7 @@ class Criterion:
         total = sum(scale[name] * value for name, value in terms.items())
         return total, {name: float(value.detach()) for name, value in terms.items()}
 
-    @staticmethod
-    def _detection_terms(out: DetectorOutputs, layer: int, targets: list[dict], matches, norm):
+    def _detection_terms(self, out: DetectorOutputs, layer: int, targets: list[dict], matches, norm):
         logits = out.logits[layer].float()
         labels = torch.zeros_like(logits)
         pred, true = [], []
@@ -131,7 +148,13 @@ class Criterion:
                 labels[b, torch.as_tensor(queries)] = 1.0
                 pred.append(out.boxes[layer, b, torch.as_tensor(queries)].float())
                 true.append(targets[b]["boxes"].to(logits.device)[torch.as_tensor(indices)].float())
-        cls = sigmoid_focal_loss(logits, labels).sum() / norm
+        keep = torch.ones_like(logits)
+        if not self.class_on_absent:  # the presence head alone learns "absent"
+            keep = keep * torch.tensor([float(len(t["boxes"]) > 0) for t in targets], device=logits.device)[:, None]
+        if self.class_loss == "focal":
+            cls = (sigmoid_focal_loss(logits, labels) * keep).sum() / norm
+        else:
+            cls = self._iabce(logits, labels, out.boxes[layer].float(), matches, targets, keep)
         if pred:
             pred_t, true_t = torch.cat(pred), torch.cat(true)
             l1 = F.l1_loss(box_xyxy_to_cxcywh(pred_t), box_xyxy_to_cxcywh(true_t), reduction="sum") / norm
@@ -139,6 +162,24 @@ class Criterion:
         else:  # keep the box head in the graph (DDP expects a gradient for every parameter)
             l1 = giou = out.boxes[layer].sum() * 0.0
         return cls, l1, giou
+
+    def _iabce(self, logits: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor, matches, targets,
+               keep: torch.Tensor) -> torch.Tensor:
+        """SAM3's ``IABCEMdetr`` (gamma 2, alpha 0.25, non-focal positives), mean over the query slots
+        of all images (SAM3 averages over every slot too: its ``weak_loss`` normalisation)."""
+        prob = logits.sigmoid()
+        soft = labels.clone()
+        if self.class_loss == "iabce":
+            with torch.no_grad():
+                for b, (queries, indices) in enumerate(matches):
+                    if len(queries):
+                        q = torch.as_tensor(queries)
+                        truth = targets[b]["boxes"].to(logits.device)[torch.as_tensor(indices)].float()
+                        iou = torch.diag(box_iou(boxes[b, q], truth)[0])
+                        soft[b, q] = (prob[b, q] ** 0.25 * iou ** 0.75).clamp(min=0.01)
+        positive = F.binary_cross_entropy_with_logits(logits, soft.detach(), reduction="none") * labels * self.pos_weight
+        negative = F.binary_cross_entropy_with_logits(logits, labels, reduction="none") * (1 - labels) * prob ** 2
+        return ((positive + negative) * keep).sum() / logits.numel()
 
     @staticmethod
     def _mask_terms(out: DetectorOutputs, targets: list[dict], matches, norm):

@@ -43,7 +43,8 @@ DEFAULTS = {
     "data": {},
     "optim": {"lr_backbone": 5e-5, "lr_text": 5e-5, "lr_heads": 3e-4, "layer_decay": 0.85, "weight_decay": 0.05,
               "warmup_steps": 100, "schedule": "cosine", "grad_clip": 0.1, "betas": [0.9, 0.999], "eps": 1e-8},
-    "loss": {"weights": {}, "costs": {}, "o2m_k": 4, "o2m_iou": 0.5},
+    "loss": {"weights": {}, "costs": {}, "o2m_k": 4, "o2m_iou": 0.5, "class_loss": "focal", "pos_weight": 10.0,
+             "class_on_absent": False},
     "train": {"steps": 1000, "batch_size": 4, "epoch_steps": 100, "val_every": 0, "val_slices": 64,
               "checkpoint_every": 100, "log_every": 10, "output": "runs/medsam3", "seed": 0, "device": "auto",
               "num_workers": 0, "positive_fraction": 0.7, "export_dtype": "float32",
@@ -77,6 +78,8 @@ def load_config(path: Path | str) -> dict:
     if not Path(dataset).is_absolute():
         config["data"]["dataset"] = str((path.parent / dataset).resolve()) if (path.parent / dataset).exists() \
             else str(Path(dataset).resolve())
+    if config["loss"]["class_loss"] not in ("focal", "iabce", "bce"):
+        raise InputError(f"{path}: loss.class_loss must be focal, iabce or bce, got {config['loss']['class_loss']!r}")
     if bool(config["model"]["init"]) == bool(config["model"]["from_config"]):
         raise InputError(f"{path}: give exactly one of model.init (a model folder or hub id to fine-tune) or "
                          "model.from_config (sizes of a model trained from scratch)")
@@ -264,7 +267,8 @@ class Trainer:
                                        positive_fraction=t["positive_fraction"], rank=self.rank, world_size=self.world)
         loss = config["loss"]
         self.criterion = Criterion(LossWeights(**loss["weights"]), MatchCosts(**loss["costs"]), loss["o2m_k"],
-                                   loss["o2m_iou"])
+                                   loss["o2m_iou"], loss["class_loss"], float(loss["pos_weight"]),
+                                   bool(loss["class_on_absent"]))
         self.model = self.detector
         self.fsdp = bool(t["fsdp"]) and self.world > 1
         if self.fsdp:  # parameters, gradients and optimizer state sharded across the processes

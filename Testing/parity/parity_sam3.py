@@ -10,7 +10,9 @@ built from the same BPE file). Prints the maximum absolute differences and write
 
 Text alone is not the same computation in the two implementations: Meta always runs its geometry
 encoder (on an empty prompt it still contributes a CLS token to the prompt sequence), transformers'
-Sam3Model skips it when no box is given. The text + box case runs the same graph in both.
+Sam3Model skips it when no box is given. The text + box case runs the same graph in both; a third
+case gives ours one box marked as padding (label -10), which makes transformers run the geometry
+encoder (its CLS token only) as Meta does for text alone.
 
 Needs Meta's ``sam3`` package and its dependencies. As published it runs on CUDA (run there:
 ``python Testing/parity/parity_sam3.py --device cuda``); see ``RESULTS.md`` next to this file for
@@ -117,11 +119,14 @@ def main() -> int:
         out["_backbone"] = backbone_out
         return out
 
-    def our_forward(with_box: bool):
+    def our_forward(with_box: bool, padding_box: bool = False):
         extra = {}
         if with_box:
             extra = dict(input_boxes=torch.tensor([[box]], device=device),
                          input_boxes_labels=torch.ones(1, 1, dtype=torch.long, device=device))
+        elif padding_box:  # one box marked as padding (-10): transformers then runs the geometry encoder
+            extra = dict(input_boxes=torch.zeros(1, 1, 4, device=device),
+                         input_boxes_labels=torch.full((1, 1), -10, dtype=torch.long, device=device))
         return ours(pixel_values=image, input_ids=tokens["input_ids"].to(device),
                     attention_mask=tokens["attention_mask"].to(device), **extra)
 
@@ -143,6 +148,7 @@ def main() -> int:
                                       attention_mask=tokens["attention_mask"].to(device), return_dict=True)
         ours_text_only = our_forward(with_box=False)
         ours_with_box = our_forward(with_box=True)
+        ours_padding_box = our_forward(with_box=False, padding_box=True)
 
     backbone = text_only["_backbone"]
     meta_text = backbone["language_features"]  # [L, B, C], sequence first
@@ -155,6 +161,7 @@ def main() -> int:
         "text_features_scale": float(meta_text[:, :n].abs().max()),
         "text_and_box": compare(with_box, ours_with_box),
         "text_only": compare(text_only, ours_text_only),
+        "text_only_vs_ours_with_a_padding_box": compare(text_only, ours_padding_box),
         "device": str(device),
         "image_size": image_size,
         "fewer_layers": args.fewer_layers,

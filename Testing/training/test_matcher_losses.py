@@ -120,7 +120,10 @@ def test_every_term_equals_a_direct_computation():
     labels = torch.zeros(2, q)
     labels[0, queries] = 1
     pred, true = outputs.boxes[0, 0, queries], targets[0]["boxes"][indices]
-    assert terms["class"] == pytest.approx(float(tv.sigmoid_focal_loss(outputs.logits[0], labels, reduction="sum")) / n, rel=1e-5)
+    # image 1 lacks the concept: only the presence head is told so (SAM3 with a presence token)
+    assert terms["class"] == pytest.approx(float(tv.sigmoid_focal_loss(outputs.logits[0, 0], labels[0], reduction="sum")) / n, rel=1e-5)
+    _, every = Criterion(LossWeights(o2m=0.0, aux=False), class_on_absent=True)(outputs, targets)
+    assert every["class"] == pytest.approx(float(tv.sigmoid_focal_loss(outputs.logits[0], labels, reduction="sum")) / n, rel=1e-5)
     assert terms["l1"] == pytest.approx(float((box_xyxy_to_cxcywh(pred) - box_xyxy_to_cxcywh(true)).abs().sum()) / n, rel=1e-5)
     assert terms["giou"] == pytest.approx(float((1 - torch.diag(tv.generalized_box_iou(pred, true))).sum()) / n, rel=1e-5)
     present = torch.tensor([1.0, 0.0])
@@ -136,3 +139,45 @@ def test_every_term_equals_a_direct_computation():
     semantic_target = torch.stack([small.amax(0), torch.zeros(size, size)])
     semantic = F.binary_cross_entropy_with_logits(outputs.semantic[:, 0], semantic_target)
     assert terms["semantic"] == pytest.approx(float(semantic), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["iabce", "bce"])
+def test_sam3_iou_aware_bce_equals_its_formula(kind):
+    """SAM3's IABCEMdetr (gamma 2, alpha 0.25, pos_weight 10, mean over query slots; no class loss on
+    an image without the concept), written out element by element from its definition."""
+    import math
+
+    from Training.matcher import match_cost
+
+    torch.manual_seed(3)
+    q = 5
+    logits = torch.randn(1, 2, q)
+    xy = torch.rand(1, 2, q, 2) * 0.5
+    boxes = torch.cat([xy, xy + 0.2 + torch.rand(1, 2, q, 2) * 0.3], -1)
+    outputs = DetectorOutputs(logits, boxes, torch.randn(1, 2), torch.randn(2, q, 8, 8), None)
+    masks = torch.zeros((1, 16, 16), dtype=torch.bool)
+    masks[0, 2:10, 4:12] = True
+    targets = [{"boxes": torch.tensor([[0.25, 0.125, 0.75, 0.625]]), "masks": masks},
+               {"boxes": torch.zeros((0, 4)), "masks": torch.zeros((0, 16, 16), dtype=torch.bool)}]
+    _, terms = Criterion(LossWeights(o2m=0.0, aux=False), class_loss=kind, pos_weight=10.0)(outputs, targets)
+
+    (matched,), _ = hungarian_match(match_cost(logits[0, 0], boxes[0, 0], targets[0]["boxes"]))
+    expected = 0.0
+    for b in range(2):
+        for j in range(q):
+            x = float(logits[0, b, j])
+            p = 1 / (1 + math.exp(-x))
+            if b == 1:  # concept absent: no class loss at all
+                continue
+            if j == matched:
+                iou = float(tv.box_iou(boxes[0, 0, j][None], targets[0]["boxes"])[0, 0])
+                t = max(p ** 0.25 * iou ** 0.75, 0.01) if kind == "iabce" else 1.0
+                expected += 10.0 * -(t * math.log(p) + (1 - t) * math.log(1 - p))
+            else:
+                expected += -math.log(1 - p) * p ** 2
+    assert terms["class"] == pytest.approx(expected / (2 * q), rel=1e-5)
+
+
+def test_unknown_class_loss_is_refused():
+    with pytest.raises(ValueError, match="class_loss"):
+        Criterion(class_loss="softmax")

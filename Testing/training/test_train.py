@@ -193,7 +193,9 @@ def test_config_errors_name_the_problem(toy_dataset, tmp_path):
     cases = [({"model": model}, "data.dataset"), ({"model": model, "data": {"dataset": str(toy_dataset)}, "trian": {}},
                                                   "unknown section 'trian'"),
              ({"model": model, "data": {"dataset": str(toy_dataset)}, "train": {"stpes": 3}}, "stpes"),
-             ({"model": {**model, "init": "x"}, "data": {"dataset": str(toy_dataset)}}, "exactly one")]
+             ({"model": {**model, "init": "x"}, "data": {"dataset": str(toy_dataset)}}, "exactly one"),
+             ({"model": model, "data": {"dataset": str(toy_dataset)}, "loss": {"class_loss": "softmax"}},
+              "loss.class_loss must be focal, iabce or bce")]
     for content, message in cases:
         with pytest.raises(InputError, match=message):
             load_config(write(content))
