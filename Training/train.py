@@ -47,7 +47,7 @@ DEFAULTS = {
              "class_on_absent": False},
     "train": {"steps": 1000, "batch_size": 4, "epoch_steps": 100, "val_every": 0, "val_slices": 64,
               "checkpoint_every": 100, "log_every": 10, "output": "runs/medsam3", "seed": 0, "device": "auto",
-              "num_workers": 0, "positive_fraction": 0.7, "export_dtype": "float32",
+              "num_workers": 0, "positive_fraction": 0.7, "export_dtype": "float32", "export_tracker": True,
               "box_prompt_probability": 0.0, "box_noise": 0.1, "fsdp": False},
 }
 
@@ -162,7 +162,10 @@ def tokenize(tokenizer, texts: list[str], device) -> tuple[torch.Tensor, torch.T
 
 def export_model(bundle: ModelBundle, folder: Path, config: dict, metrics: Optional[dict] = None) -> Path:
     """Write ``folder`` in transformers format + our preprocessing file; written beside and renamed.
-    ``train.export_dtype`` float16 halves the files (the demo model must stay under 25 MB)."""
+    ``train.export_dtype`` float16 halves the files (the demo model must stay under 25 MB).
+    ``train.export_tracker: false`` writes the trained detector alone (a ``Sam3Model``): for a model
+    trained from scratch, whose tracker was never trained, so that nobody tracks with random weights
+    (the engine then runs ``slices`` mode and says so)."""
     import shutil
 
     folder = Path(folder)
@@ -170,14 +173,15 @@ def export_model(bundle: ModelBundle, folder: Path, config: dict, metrics: Optio
     shutil.rmtree(staging, ignore_errors=True)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
         config["train"].get("export_dtype", "float32")]
-    state = bundle.full.state_dict()
+    model = bundle.full if config["train"].get("export_tracker", True) else bundle.detector
+    state = model.state_dict()
     if bundle.lora is not None:  # adapters alone beside the model, and merged into it for inference
         from .lora import merged_state_dict, save_adapter
 
         save_adapter(bundle.detector, bundle.lora, folder.with_name("adapter"))
         state = merged_state_dict(state, bundle.lora.lora_alpha / bundle.lora.r)
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
-    bundle.full.save_pretrained(staging, state_dict=state)  # stored in dtype; the engine loads float32
+    model.save_pretrained(staging, state_dict=state)  # stored in dtype; the engine loads float32
     bundle.tokenizer.save_pretrained(staging)
     keep = {k: v for k, v in bundle.preprocess.items() if k in ("window", "field_of_view_mm", "orientation")}
     (staging / "medsam3_preprocessing.json").write_text(json.dumps(keep, indent=2) + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -179,6 +180,27 @@ def test_exported_model_segments_with_the_engine(toy_dataset, tmp_path):
     volume = read_volume(toy_dataset.parent / "case2.nii.gz")
     result = Segmenter(model).segment(volume, ["liver"], SegmentOptions(mode="slices"))
     assert result.shape == volume.shape and result.geometry == volume.geometry
+
+
+def test_detector_only_export_runs_slices_mode_and_says_so(toy_dataset, tmp_path):
+    """``export_tracker: false``: a Sam3Model folder with the trained detector's exact weights; asked
+    for propagation, the engine runs slices mode with a warning instead of tracking with random weights."""
+    from MedicalSAM3Core.common.options import SegmentOptions
+    from MedicalSAM3Core.imaging.io import read_volume
+    from MedicalSAM3Core.inference.engine import Segmenter
+    from MedicalSAM3Core.inference.models import load_model
+    from Training.train import Trainer
+
+    trainer = Trainer(tiny_config(toy_dataset, tmp_path, steps=1, export_tracker=False))
+    trainer.run()
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["model_type"] == "sam3"
+    model = load_model(str(tmp_path / "model"), device="cpu")
+    assert model.video is None
+    for name, value in trainer.detector.state_dict().items():
+        torch.testing.assert_close(model.detector.state_dict()[name], value, msg=name)
+    volume = read_volume(toy_dataset.parent / "case2.nii.gz")
+    result = Segmenter(model).segment(volume, ["liver"], SegmentOptions(mode="propagate"))
+    assert any("no tracker" in w for w in result.warnings) and result.geometry == volume.geometry
 
 
 def test_config_errors_name_the_problem(toy_dataset, tmp_path):
