@@ -416,34 +416,62 @@ class BalancedSampler(Sampler[int]):
     """Concepts drawn uniformly; within a concept a positive slice with probability
     ``positive_fraction``, else a negative one. Deterministic for (seed, epoch); each rank draws
     its own disjoint share of one global stream, so ``world_size`` ranks x ``n`` samples equal one
-    process drawing ``world_size * n``."""
+    process drawing ``world_size * n``.
+
+    ``concepts_per_slice`` K > 1 draws the stream in runs of K samples of ONE slice with K different
+    concepts (each a concept the slice contains with probability ``positive_fraction``, else one it
+    lacks), as SAM3 trains on several noun phrases per image, present and absent: the same pixels
+    with different texts teach the presence head to read the text. The slice of a run is found by
+    first drawing a (concept, positive) pair as above, so concepts stay balanced."""
 
     def __init__(self, dataset: SliceDataset, num_samples: int, seed: int = 0, positive_fraction: float = 0.7,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, concepts_per_slice: int = 1) -> None:
         self.dataset, self.num_samples, self.seed = dataset, num_samples, seed
         self.positive_fraction, self.rank, self.world_size = positive_fraction, rank, world_size
+        self.concepts_per_slice = int(concepts_per_slice)
         self.epoch = 0
         self.pools: dict[tuple[str, bool], np.ndarray] = {}
+        self.by_slice: dict[tuple[int, int], dict[str, int]] = {}
         for index, t in enumerate(dataset.triplets):
             self.pools.setdefault((t.concept, t.positive), []).append(index)
+            self.by_slice.setdefault((t.case, t.slice), {})[t.concept] = index
         self.pools = {k: np.asarray(v) for k, v in self.pools.items()}
         self.concepts = sorted({c for c, _ in self.pools})
         missing = [c for c in self.concepts if (c, True) not in self.pools]
         if missing:
             raise InputError(f"no training slice contains {', '.join(missing)}; remove the concept(s) or add data")
+        if not 1 <= self.concepts_per_slice <= len(self.concepts):
+            raise InputError(f"concepts_per_slice must be between 1 and the number of concepts ({len(self.concepts)}), "
+                             f"got {concepts_per_slice}")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _draw(self, rng: np.random.Generator) -> int:
+        concept = self.concepts[rng.integers(len(self.concepts))]
+        positive = rng.random() < self.positive_fraction or (concept, False) not in self.pools
+        pool = self.pools[(concept, positive)]
+        return int(pool[rng.integers(len(pool))])
+
+    def _same_slice(self, first: int, rng: np.random.Generator) -> list[int]:
+        t = self.dataset.triplets[first]
+        others = self.by_slice[(t.case, t.slice)]
+        present = [c for c, i in others.items() if c != t.concept and self.dataset.triplets[i].positive]
+        absent = [c for c, i in others.items() if c != t.concept and not self.dataset.triplets[i].positive]
+        run = [first]
+        while len(run) < self.concepts_per_slice and (present or absent):
+            pool = present if present and (rng.random() < self.positive_fraction or not absent) else absent
+            run.append(others[pool.pop(int(rng.integers(len(pool))))])
+        return run
+
     def global_stream(self) -> list[int]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        draws = []
-        for _ in range(self.num_samples * self.world_size):
-            concept = self.concepts[rng.integers(len(self.concepts))]
-            positive = rng.random() < self.positive_fraction or (concept, False) not in self.pools
-            pool = self.pools[(concept, positive)]
-            draws.append(int(pool[rng.integers(len(pool))]))
-        return draws
+        total = self.num_samples * self.world_size
+        draws: list[int] = []
+        while len(draws) < total:
+            first = self._draw(rng)
+            draws += [first] if self.concepts_per_slice == 1 else self._same_slice(first, rng)
+        return draws[:total]
 
     def __iter__(self):
         return iter(self.global_stream()[self.rank::self.world_size])

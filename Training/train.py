@@ -47,7 +47,7 @@ DEFAULTS = {
              "class_on_absent": False},
     "train": {"steps": 1000, "batch_size": 4, "epoch_steps": 100, "val_every": 0, "val_slices": 64,
               "checkpoint_every": 100, "log_every": 10, "output": "runs/medsam3", "seed": 0, "device": "auto",
-              "num_workers": 0, "positive_fraction": 0.7, "export_dtype": "float32", "export_tracker": True,
+              "num_workers": 0, "positive_fraction": 0.7, "concepts_per_slice": 1, "export_dtype": "float32", "export_tracker": True,
               "box_prompt_probability": 0.0, "box_noise": 0.1, "fsdp": False},
 }
 
@@ -268,7 +268,8 @@ class Trainer:
             raise InputError(f"train.batch_size {t['batch_size']} is not divisible by {self.world} processes")
         self.local_batch = t["batch_size"] // self.world
         self.sampler = BalancedSampler(self.train_set, t["epoch_steps"] * self.local_batch, seed=t["seed"],
-                                       positive_fraction=t["positive_fraction"], rank=self.rank, world_size=self.world)
+                                       positive_fraction=t["positive_fraction"], rank=self.rank, world_size=self.world,
+                                       concepts_per_slice=t["concepts_per_slice"])
         loss = config["loss"]
         self.criterion = Criterion(LossWeights(**loss["weights"]), MatchCosts(**loss["costs"]), loss["o2m_k"],
                                    loss["o2m_iou"], loss["class_loss"], float(loss["pos_weight"]),

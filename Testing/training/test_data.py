@@ -192,3 +192,24 @@ def test_training_slices_follow_the_same_orientation(tmp_path):
         x, y = original[i], flipped[j]
         torch.testing.assert_close(x["pixel_values"], y["pixel_values"])
         assert torch.equal(x["masks"], y["masks"])
+
+
+def test_sampler_runs_of_one_slice_with_several_concepts(toy_dataset):
+    """``concepts_per_slice``: runs of K samples share a slice, with K different concepts, present
+    and absent ones mixed; still one deterministic stream sharded across ranks."""
+    spec = load_dataset(toy_dataset)
+    dataset = SliceDataset(spec, [c for c in spec.cases if c.split == "train"], PREPROCESS)
+    k = min(2, len(spec.concepts))
+    sampler = BalancedSampler(dataset, 300, seed=5, concepts_per_slice=k)
+    draws = list(sampler)
+    assert len(draws) == 300
+    mixed = 0
+    for start in range(0, 300, k):
+        run = [dataset.triplets[i] for i in draws[start:start + k]]
+        assert len({(t.case, t.slice) for t in run}) == 1 and len({t.concept for t in run}) == len(run)
+        mixed += len({t.positive for t in run}) > 1
+    assert mixed > 0  # a slice seen with a concept it contains and one it lacks
+    ranks = [list(BalancedSampler(dataset, 150, seed=5, rank=r, world_size=2, concepts_per_slice=k)) for r in range(2)]
+    assert [x for pair in zip(*ranks) for x in pair] == draws
+    with pytest.raises(InputError, match="concepts_per_slice"):
+        BalancedSampler(dataset, 10, concepts_per_slice=len(spec.concepts) + 1)
