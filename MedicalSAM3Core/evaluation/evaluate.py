@@ -16,7 +16,9 @@ axes flipped or permuted over the same voxel centres (as some exporters do) is r
 Writes (never over existing files without ``--overwrite``): ``metrics.csv`` (model, case,
 structure, metrics, voxel counts, case type), ``summary.md`` (mean and median per model and
 structure; N; HD95 cases excluded) and ``overlays.png`` (ground truth in green, prediction in
-magenta, one tile per structure and model on its central slice).
+magenta, overlap white; one row per case and structure, on the central slice of its ground truth,
+one column per model; ``--image`` draws the scan underneath: a file, or a folder matched by case
+name). ``summary.md`` lists the montage's rows.
 """
 
 from __future__ import annotations
@@ -146,12 +148,16 @@ class Row:
     scores: Scores
 
 
-def evaluate(preds: dict[str, Path], gt: Path, rules: list[LabelRule], tolerance_mm: float = 2.0) -> tuple[list[Row], dict]:
-    """Score every model's predictions against ``gt``; returns rows and overlay material."""
+def evaluate(preds: dict[str, Path], gt: Path, rules: list[LabelRule], tolerance_mm: float = 2.0,
+             images: Optional[Path] = None) -> tuple[list[Row], dict]:
+    """Score every model's predictions against ``gt``; returns rows and overlay material
+    (``images``: the scans, for the montage's background)."""
     from ..imaging.io import read_volume
     from .metrics import score
 
     gt_cases = _cases(gt)
+    image_cases = _cases(images) if images is not None else {}
+    backgrounds: dict = {}
     rows: list[Row] = []
     overlays: dict = {}
     for model, pred_root in preds.items():
@@ -168,6 +174,11 @@ def evaluate(preds: dict[str, Path], gt: Path, rules: list[LabelRule], tolerance
             truth_array = align_to(truth, prediction)
             spacing_zyx = prediction.geometry.spacing[::-1]
             from_sidecar = _sidecar_values(pred_path)
+            if image_cases and case not in backgrounds:
+                source = image_cases.get(case) or (next(iter(image_cases.values())) if len(image_cases) == 1 else None)
+                if source is None:
+                    raise InputError(f"--image: no scan for case {case!r} in {images}")
+                backgrounds[case] = _display(align_to(read_volume(source), prediction))
             for rule in rules:
                 value = rule.pred if rule.pred is not None else from_sidecar.get(normalize(rule.name))
                 if value is None:
@@ -176,7 +187,7 @@ def evaluate(preds: dict[str, Path], gt: Path, rules: list[LabelRule], tolerance
                 pred_mask = prediction.array == value
                 true_mask = np.isin(truth_array, rule.gt)
                 rows.append(Row(model, case, rule.name, score(pred_mask, true_mask, spacing_zyx, tolerance_mm)))
-                overlays.setdefault((case, rule.name), {"image": None, "truth": true_mask, "preds": {}})
+                overlays.setdefault((case, rule.name), {"image": backgrounds.get(case), "truth": true_mask, "preds": {}})
                 overlays[(case, rule.name)]["preds"][model] = pred_mask
     return rows, overlays
 
@@ -207,8 +218,22 @@ def _csv_text(rows: list[Row], tolerance_mm: float) -> str:
     return buffer.getvalue()
 
 
+def _display(image: np.ndarray) -> np.ndarray:
+    """A scan as uint8 grey levels: CT in a soft-tissue window (-160..240 HU), anything else between
+    its 0.5 and 99.5 percentiles. ``(z, y, x)``."""
+    array = image.astype(np.float32)
+    low, high = (-160.0, 240.0) if float(np.percentile(array, 1)) < -500 else tuple(np.percentile(array, (0.5, 99.5)))
+    return np.round(np.clip((array - low) / max(high - low, 1e-6), 0, 1) * 255).astype(np.uint8)
+
+
+def montage_rows(overlays: dict) -> list[str]:
+    """The montage's rows, top to bottom: ``case / structure``."""
+    return [f"{case} / {structure}" for case, structure in sorted(overlays)]
+
+
 def _montage(overlays: dict, models: list[str]) -> np.ndarray:
-    """RGB tiles (truth green, prediction magenta, overlap white) on each structure's central slice."""
+    """RGB tiles (truth green, prediction magenta, overlap white, over the scan when given) on each
+    structure's central slice; one row per (case, structure), one column per model."""
     tiles = []
     for (case, structure), item in sorted(overlays.items()):
         truth = item["truth"]
@@ -218,6 +243,8 @@ def _montage(overlays: dict, models: list[str]) -> np.ndarray:
         for model in models:
             pred = item["preds"].get(model, np.zeros_like(truth))
             tile = np.zeros(truth.shape[1:] + (3,), np.uint8)
+            if item.get("image") is not None:
+                tile[:] = item["image"][k][..., None]
             tile[truth[k]] = (0, 200, 0)
             tile[pred[k]] = (220, 0, 220)
             tile[truth[k] & pred[k]] = (255, 255, 255)
@@ -239,6 +266,8 @@ def add_evaluate_parser(sub) -> None:
                    help="prediction file or folder; NAME=PATH to name a model (repeat to compare models)")
     p.add_argument("--gt", required=True, type=Path, help="ground-truth file or folder")
     p.add_argument("--labels", required=True, help="name=PRED:GT[,...] or a JSON file (see --help text above)")
+    p.add_argument("--image", type=Path, help="the scan(s), file or folder (matched by case name): drawn under "
+                                               "the contours in overlays.png")
     p.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
     p.add_argument("-o", "--output", type=Path, default=Path("evaluation"), help="output folder (default ./evaluation)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -273,14 +302,16 @@ def run_evaluate(args) -> int:
     existing = [str(t) for t in targets if t.exists()]
     if existing and not args.overwrite:
         raise InputError(f"output file(s) already exist: {', '.join(existing)} (use --overwrite)")
-    rows, overlays = evaluate(preds, args.gt, rules, args.tolerance)
+    rows, overlays = evaluate(preds, args.gt, rules, args.tolerance, args.image)
     table = summary_table(rows)
     header = (f"# Evaluation\n\nGround truth: `{args.gt}`. NSD tolerance {args.tolerance:g} mm. Empty-mask rules: "
               "both empty -> Dice/IoU/NSD 1, HD95 0; one empty -> 0 and HD95 undefined (excluded from its mean).\n\n")
+    legend = (f"\n`overlays.png`: columns {', '.join(preds)}; rows, top to bottom: "
+              + "; ".join(montage_rows(overlays)) + ". Ground truth green, prediction magenta, overlap white.\n")
     with ExitStack() as stack:
         staged = [stack.enter_context(staged_file(t)) for t in targets]
         staged[0].write_text(_csv_text(rows, args.tolerance), encoding="utf-8")
-        staged[1].write_text(header + table, encoding="utf-8")
+        staged[1].write_text(header + table + legend, encoding="utf-8")
         write_image(sitk.GetImageFromArray(_montage(overlays, list(preds)), isVector=True), staged[2], compress=False)
         for tmp, final in zip(staged, targets):
             os.replace(tmp, final)

@@ -90,3 +90,23 @@ def test_errors_name_the_problem(files, tmp_path, capsys):
     for extra, message in cases:
         assert main(["evaluate", "--pred", str(files / "a" / "ct1.nii.gz"), "-o", str(tmp_path / "x"), *extra]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_overlays_show_the_scan_under_the_contours(files):
+    """``--image``: each tile is the scan's central slice of the structure (CT soft-tissue window)
+    with truth green, prediction magenta, overlap white; summary.md names the rows."""
+    scan = np.full((8, 30, 30), -1000, np.int16)  # air ...
+    scan[:, 3:28, 3:28] = 40  # ... around soft tissue at 40 HU
+    sitk.WriteImage(image_from_array(scan, GEOMETRY), str(files / "ct1_image.nii.gz"))
+    out = files / "eval_image"
+    assert main(["evaluate", "--pred", f"cut={files / 'b'}", "--gt", str(files / "gt"), "--labels", "liver=1:5",
+                 "--image", str(files / "ct1_image.nii.gz"), "-o", str(out)]) == 0
+    tile = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "overlays.png")))[2:32, 2:32]  # inside the frame
+    grey = round((40 + 160) / 400 * 255)
+    np.testing.assert_array_equal(tile[0, 0], (0, 0, 0))  # air: black
+    np.testing.assert_array_equal(tile[20, 20], (grey, grey, grey))  # tissue, no label
+    np.testing.assert_array_equal(tile[10, 12], (255, 255, 255))  # liver found
+    np.testing.assert_array_equal(tile[10, 6], (0, 200, 0))  # liver missed (the cut part)
+    assert "rows, top to bottom: ct1 / liver" in (out / "summary.md").read_text()
+    assert main(["evaluate", "--pred", f"cut={files / 'b'}", "--gt", str(files / "gt"), "--labels", "liver=1:5",
+                 "--image", str(files / "none.nii.gz"), "-o", str(files / "e2")]) == 2

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
             return code
         preds += ["--pred", f"{mode}={out.parent}"]
     return medsam3(["evaluate", *preds, "--gt", str(data / "example_seg_dicom.nii.gz"), "--labels", str(DATASET),
-                    "-o", str(args.output), "--overwrite"])
+                    "--image", str(data / "example_ct_dicom"), "-o", str(args.output), "--overwrite"])
 
 
 if __name__ == "__main__":
