@@ -37,7 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .matcher import MatchCosts, box_iou, box_xyxy_to_cxcywh, generalized_box_iou, hungarian_match, match_cost, one_to_many_match
+from .matcher import (MatchCosts, box_iou, box_xyxy_to_cxcywh, generalized_box_iou, hungarian_match, mask_cost, match_cost,
+                      one_to_many_match)
 from .model import DetectorOutputs
 
 
@@ -114,6 +115,11 @@ class Criterion:
             for b, target in enumerate(targets):
                 boxes_t = target["boxes"].to(device)
                 cost = match_cost(out.logits[layer, b], out.boxes[layer, b], boxes_t, self.costs)
+                if layer == last and (self.costs.mask or self.costs.dice) and len(boxes_t):
+                    with torch.no_grad():
+                        small = F.interpolate(target["masks"].to(device)[:, None].float(), size=out.masks.shape[-2:],
+                                              mode="area")[:, 0]
+                        cost = cost + mask_cost(out.masks[b], small, self.costs)
                 matches.append(hungarian_match(cost))
                 o2m.append(one_to_many_match(cost, out.boxes[layer, b], boxes_t, self.o2m_k, self.o2m_iou)
                            if self.weights.o2m else None)

@@ -3,6 +3,10 @@
 * :func:`hungarian_match`: DETR's one-to-one matching (scipy ``linear_sum_assignment``) on
   ``w_class * focal_class_cost + w_l1 * L1(cxcywh) - w_giou * GIoU``, as SAM3's
   ``HungarianMatcher`` (sam3/train/matcher.py) defines it; defaults (2, 5, 2) are DETR's.
+  Optionally (``MatchCosts.mask``/``dice`` > 0, off by default; Mask2Former uses 5 and 5) the
+  last decoder layer's matching also weighs how well each query's MASK fits each instance
+  (pixel-mean BCE and 1 - Dice), which keeps the assignment stable while boxes are still poor
+  (training from scratch).
 * :func:`one_to_many_match`: the auxiliary assignment that stabilises learning under sparse
   supervision: each ground truth gets its ``k`` best queries (lowest matching cost) among those
   whose box overlaps it with IoU >= ``iou_threshold``, always including its one-to-one match.
@@ -51,6 +55,8 @@ class MatchCosts:
     giou: float = 2.0
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    mask: float = 0.0  # last layer: pixel-mean BCE between query mask and instance
+    dice: float = 0.0  # last layer: 1 - Dice between query mask and instance
 
 
 def match_cost(logits: torch.Tensor, boxes: torch.Tensor, target_boxes: torch.Tensor,
@@ -64,6 +70,19 @@ def match_cost(logits: torch.Tensor, boxes: torch.Tensor, target_boxes: torch.Te
     cost_l1 = torch.cdist(box_xyxy_to_cxcywh(boxes.float()), box_xyxy_to_cxcywh(target_boxes.float()), p=1)
     cost_giou = -generalized_box_iou(boxes.float(), target_boxes.float())
     return costs.cls * cost_class + costs.l1 * cost_l1 + costs.giou * cost_giou
+
+
+def mask_cost(mask_logits: torch.Tensor, target_masks: torch.Tensor, costs: MatchCosts) -> torch.Tensor:
+    """``(Q, N)`` mask part of the matching cost: ``mask_logits`` ``(Q, h, w)``, ``target_masks``
+    ``(N, h, w)`` in [0, 1] at the same resolution."""
+    logits = mask_logits.float().flatten(1)
+    targets = target_masks.float().flatten(1)
+    pixels = logits.shape[1]
+    # BCE(x, t) = softplus(x) - x * t, averaged over pixels, for every (query, instance) pair
+    bce = (torch.nn.functional.softplus(logits).sum(1, keepdim=True) - logits @ targets.T) / pixels
+    prob = logits.sigmoid()
+    dice = 1 - (2 * prob @ targets.T + 1) / (prob.sum(1, keepdim=True) + targets.sum(1)[None] + 1)
+    return costs.mask * bce + costs.dice * dice
 
 
 @torch.no_grad()

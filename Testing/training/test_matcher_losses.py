@@ -181,3 +181,35 @@ def test_sam3_iou_aware_bce_equals_its_formula(kind):
 def test_unknown_class_loss_is_refused():
     with pytest.raises(ValueError, match="class_loss"):
         Criterion(class_loss="softmax")
+
+
+def test_mask_matching_cost_equals_its_formula_and_overrides_misleading_boxes():
+    """``MatchCosts(mask=, dice=)``: per (query, instance) pixel-mean BCE and 1 - Dice of the query's
+    mask; with it the last layer's match follows the masks when the boxes point elsewhere."""
+    import torch.nn.functional as F
+
+    from Training.matcher import MatchCosts, mask_cost
+
+    torch.manual_seed(4)
+    logits, targets = torch.randn(3, 8, 8), (torch.rand(2, 8, 8) > 0.5).float()
+    cost = mask_cost(logits, targets, MatchCosts(mask=2.0, dice=3.0))
+    for q in range(3):
+        for n in range(2):
+            bce = F.binary_cross_entropy_with_logits(logits[q], targets[n])
+            p = logits[q].sigmoid()
+            dice = 1 - (2 * (p * targets[n]).sum() + 1) / (p.sum() + targets[n].sum() + 1)
+            assert float(cost[q, n]) == pytest.approx(float(2.0 * bce + 3.0 * dice), rel=1e-5)
+
+    q, size = 3, 16
+    masks = torch.zeros((1, 32, 32), dtype=torch.bool)
+    masks[0, 4:12, 4:12] = True  # top-left instance
+    target = [{"boxes": torch.tensor([[0.125, 0.125, 0.375, 0.375]]), "masks": masks}]
+    boxes = torch.tensor([[0.6, 0.6, 0.9, 0.9], [0.125, 0.125, 0.375, 0.375], [0.0, 0.6, 0.3, 0.9]])
+    mask_logits = torch.full((1, q, size, size), -10.0)
+    mask_logits[0, 0, 2:6, 2:6] = 10.0  # query 0: the right mask under a wrong box
+    outputs = DetectorOutputs(torch.zeros(1, 1, q), boxes[None, None], torch.zeros(1, 1), mask_logits, None)
+    plain = Criterion(LossWeights(o2m=0.0, aux=False))
+    with_masks = Criterion(LossWeights(o2m=0.0, aux=False), MatchCosts(mask=10.0, dice=10.0))
+    _, by_box = plain(outputs, target)
+    _, by_mask = with_masks(outputs, target)
+    assert by_mask["dice"] < 0.01 < by_box["dice"]  # the mask terms now supervise query 0, whose mask fits
