@@ -67,7 +67,11 @@ def _cases(path: Path) -> dict[str, Path]:
     found = {_case_id(p): p for p in sorted(path.iterdir()) if p.is_file() and p.name.lower().endswith(_EXTENSIONS)
              and not p.name.lower().endswith(".seg.nrrd")}
     if not found:
-        raise InputError(f"{path}: no NIfTI/NRRD/MHA files in this folder")
+        import SimpleITK as sitk
+
+        if sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)):  # a DICOM series, whatever its file names
+            return {_case_id(path): path}
+        raise InputError(f"{path}: no NIfTI/NRRD/MHA files or DICOM series in this folder")
     return found
 
 

@@ -110,3 +110,12 @@ def test_overlays_show_the_scan_under_the_contours(files):
     assert "rows, top to bottom: ct1 / liver" in (out / "summary.md").read_text()
     assert main(["evaluate", "--pred", f"cut={files / 'b'}", "--gt", str(files / "gt"), "--labels", "liver=1:5",
                  "--image", str(files / "none.nii.gz"), "-o", str(files / "e2")]) == 2
+
+
+@pytest.mark.sample_data
+def test_a_dicom_series_folder_is_one_case(sample_data):
+    """DICOM files often have no extension (the sample series: ``CT.1.3.12...``): the folder is one case."""
+    from MedicalSAM3Core.evaluation.evaluate import _cases
+
+    folder = sample_data / "example_ct_dicom"
+    assert _cases(folder) == {"example_ct_dicom": folder}
