@@ -89,6 +89,11 @@ def main() -> int:
     meta = build_sam3_image_model(load_from_HF=False, device=device.type, eval_mode=True,
                                   bpe_path=args.bpe).to(device).eval()
     with torch.no_grad():
+        # Meta's text encoder creates these two with torch.empty (a checkpoint always fills them):
+        # uninitialised memory, NaN or garbage from run to run. Initialised as OpenCLIP does.
+        text = meta.backbone.language_backbone.encoder
+        torch.nn.init.normal_(text.positional_embedding, std=0.01)
+        torch.nn.init.normal_(text.text_projection, std=text.text_projection.shape[0] ** -0.5)
         for parameter in meta.parameters():
             parameter.add_(torch.randn_like(parameter) * args.noise)
     converted = convert_state_dict({k: v.detach().cpu() for k, v in meta.state_dict().items()}, "meta sam3")
