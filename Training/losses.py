@@ -154,9 +154,8 @@ class Criterion:
                 labels[b, torch.as_tensor(queries)] = 1.0
                 pred.append(out.boxes[layer, b, torch.as_tensor(queries)].float())
                 true.append(targets[b]["boxes"].to(logits.device)[torch.as_tensor(indices)].float())
-        keep = torch.ones_like(logits)
-        if not self.class_on_absent:  # the presence head alone learns "absent"
-            keep = keep * torch.tensor([float(len(t["boxes"]) > 0) for t in targets], device=logits.device)[:, None]
+        keep = torch.ones_like(logits) if self.class_on_absent else \
+            torch.tensor([float(len(t["boxes"]) > 0) for t in targets], device=logits.device)[:, None]  # absent: presence only
         if self.class_loss == "focal":
             cls = (sigmoid_focal_loss(logits, labels) * keep).sum() / norm
         else:

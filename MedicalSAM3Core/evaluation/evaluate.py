@@ -182,7 +182,8 @@ def evaluate(preds: dict[str, Path], gt: Path, rules: list[LabelRule], tolerance
                 source = image_cases.get(case) or (next(iter(image_cases.values())) if len(image_cases) == 1 else None)
                 if source is None:
                     raise InputError(f"--image: no scan for case {case!r} in {images}")
-                backgrounds[case] = _display(align_to(read_volume(source), prediction))
+                scan = read_volume(source)
+                backgrounds[case] = _display(align_to(scan, prediction), scan.modality)
             for rule in rules:
                 value = rule.pred if rule.pred is not None else from_sidecar.get(normalize(rule.name))
                 if value is None:
@@ -222,12 +223,14 @@ def _csv_text(rows: list[Row], tolerance_mm: float) -> str:
     return buffer.getvalue()
 
 
-def _display(image: np.ndarray) -> np.ndarray:
-    """A scan as uint8 grey levels: CT in a soft-tissue window (-160..240 HU), anything else between
-    its 0.5 and 99.5 percentiles. ``(z, y, x)``."""
-    array = image.astype(np.float32)
-    low, high = (-160.0, 240.0) if float(np.percentile(array, 1)) < -500 else tuple(np.percentile(array, (0.5, 99.5)))
-    return np.round(np.clip((array - low) / max(high - low, 1e-6), 0, 1) * 255).astype(np.uint8)
+def _display(image: np.ndarray, modality: Optional[str]) -> np.ndarray:
+    """A scan ``(z, y, x)`` as uint8 grey levels, windowed as the engine windows it by default (CT:
+    soft tissue; other modalities: the volume's 0.5-99.5 percentiles)."""
+    from ..preprocessing.intensity import detect_modality, spec_for
+
+    spec = spec_for(detect_modality(image, modality), image, None, None)
+    scaled = (image.astype(np.float32) - spec.low) / (spec.high - spec.low)
+    return np.round(np.clip(scaled, 0, 1) * 255).astype(np.uint8)
 
 
 def montage_rows(overlays: dict) -> list[str]:
