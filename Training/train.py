@@ -99,7 +99,8 @@ class ModelBundle:
 def build_model(model_cfg: dict, box_prompts: bool = False) -> ModelBundle:
     from transformers import AutoTokenizer, Sam3Model, Sam3VideoModel
 
-    from MedicalSAM3Core.inference.models import read_preprocessing, resolve_model_dir
+    from MedicalSAM3Core.inference.models import (GEOMETRY_BOX_ONLY, read_preprocessing, resolve_model_dir,
+                                                  use_prompt_graph)
     from MedicalSAM3Core.inference.tiny import build_offline_tokenizer, small_video_config
     from MedicalSAM3Core.preprocessing.intensity import SAM3_MEAN, SAM3_STD
 
@@ -119,10 +120,14 @@ def build_model(model_cfg: dict, box_prompts: bool = False) -> ModelBundle:
         for module in detector.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = float(model_cfg["dropout"])
-    if not box_prompts:  # text-only prompts: the box encoder gets no signal
-        for param in detector.geometry_encoder.parameters():
-            param.requires_grad_(False)
     preprocessing.update(model_cfg.get("preprocessing") or {})
+    # the graph the engine runs: SAM3's empty geometry prompt beside a text prompt unless the model says otherwise
+    preprocessing["empty_geometry_prompt"] = bool(preprocessing.get("empty_geometry_prompt", True))
+    use_prompt_graph(detector, preprocessing)
+    if not box_prompts:  # text-only prompts: the box encoding gets no signal (without the empty prompt, nothing does)
+        for name, param in detector.geometry_encoder.named_parameters():
+            if not preprocessing["empty_geometry_prompt"] or name.split(".")[0] in GEOMETRY_BOX_ONLY:
+                param.requires_grad_(False)
     preprocess = {"image_size": int(detector.config.image_size), "mean": list(SAM3_MEAN), "std": list(SAM3_STD),
                   **preprocessing}
     lora = None
@@ -183,7 +188,8 @@ def export_model(bundle: ModelBundle, folder: Path, config: dict, metrics: Optio
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
     model.save_pretrained(staging, state_dict=state)  # stored in dtype; the engine loads float32
     bundle.tokenizer.save_pretrained(staging)
-    keep = {k: v for k, v in bundle.preprocess.items() if k in ("window", "field_of_view_mm", "orientation")}
+    keep = {k: v for k, v in bundle.preprocess.items()
+            if k in ("window", "field_of_view_mm", "orientation", "empty_geometry_prompt")}
     (staging / "medsam3_preprocessing.json").write_text(json.dumps(keep, indent=2) + "\n")
     (staging / "training.json").write_text(json.dumps({"config": config, "metrics": metrics or {}}, indent=2) + "\n")
     shutil.rmtree(folder, ignore_errors=True)

@@ -17,10 +17,14 @@ image size (``config.json``), mean/std (``preprocessor_config.json``) and, in ou
 ``orientation``       ``radiological``: every slice shown in the reading convention whatever the
                       voxel order (:mod:`MedicalSAM3Core.preprocessing.orientation`); absent or
                       ``stored``: slices as the array stores them
+``empty_geometry_prompt``  true (the default): a text prompt alone runs SAM3's own graph, the
+                      geometry encoder on an empty prompt (:func:`use_prompt_graph`); false:
+                      transformers' text-only graph, for a model trained that way
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -202,6 +206,7 @@ def load_model(source: str, device: str = "auto", dtype: str = "auto") -> Loaded
     module = video if video is not None else detector
     module.to(torch_device)
     preprocessing = read_preprocessing(model_dir)
+    use_prompt_graph(detector, preprocessing)
     processor_config = _read_json(model_dir / "preprocessor_config.json")
     processor = processor_config.get("image_processor") or processor_config
     mean = tuple(processor.get("image_mean", SAM3_MEAN))
@@ -230,7 +235,65 @@ def read_preprocessing(model_dir: Path) -> dict:
 
     if data.get("orientation") is not None and data["orientation"] not in POLICIES:
         raise ModelLoadError(f"{path}: orientation {data['orientation']!r} is not one of {', '.join(POLICIES)}")
+    if not isinstance(data.get("empty_geometry_prompt", True), bool):
+        raise ModelLoadError(f"{path}: empty_geometry_prompt must be true or false, "
+                             f"got {data['empty_geometry_prompt']!r}")
     return data
+
+
+# -- the text-only graph -------------------------------------------------------------------------
+_PROMPT_GRAPH_HOOK = "_medsam3_prompt_graph_hook"
+# geometry-encoder parts that only encode boxes; with the empty prompt of a text-only call they are
+# computed on a padding box that attention masks out, so they never get a gradient from text prompts
+GEOMETRY_BOX_ONLY = ("label_embed", "boxes_direct_project", "boxes_pool_project", "boxes_pos_enc_project",
+                     "vision_layer_norm")
+
+
+def use_prompt_graph(detector: "torch.nn.Module", preprocessing: dict) -> None:
+    """Make every text-only call of ``detector`` (a transformers ``Sam3Model``) run the graph the
+    model was trained with; ``preprocessing`` is its ``medsam3_preprocessing.json``.
+
+    Meta's SAM3, and everything trained with its code (SAM3, Medical SAM3), runs the geometry
+    encoder even for a text prompt alone: on an empty prompt, whose learned CLS token joins the text
+    in the prompt sequence that the DETR encoder and decoder, the scoring and the mask decoder
+    attend to. transformers' ``Sam3Model`` skips the geometry encoder when it gets no box: another
+    network for those weights (``Testing/parity/RESULTS.md``: with the same random weights the
+    logits differ by 0.4 and the mask logits by 1.3; given one box marked as padding, label -10,
+    transformers agrees with Meta to 1e-5).
+
+    With ``empty_geometry_prompt`` true (the default, also when the file is absent) a forward
+    pre-hook gives every call that has no box one padding box, so the engine's ``slices`` mode,
+    ``Sam3VideoModel``'s own detector calls in ``propagate`` mode, and training all run SAM3's graph
+    through this one function. Calls with boxes are left as they are. False removes the hook
+    (transformers' text-only graph). Calling it again replaces the previous setting.
+    """
+    handle = getattr(detector, _PROMPT_GRAPH_HOOK, None)
+    if handle is not None:
+        handle.remove()
+        setattr(detector, _PROMPT_GRAPH_HOOK, None)
+    if preprocessing.get("empty_geometry_prompt", True):
+        setattr(detector, _PROMPT_GRAPH_HOOK,
+                detector.register_forward_pre_hook(_add_empty_geometry_prompt, with_kwargs=True))
+
+
+def _add_empty_geometry_prompt(module, args, kwargs):
+    """Forward pre-hook of :func:`use_prompt_graph`: one box labelled -10 (padding) per image."""
+    bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+    values = {**{k: v for k, v in bound.items() if k != "kwargs"}, **bound.get("kwargs", {})}
+    boxes = values.get("input_boxes")
+    if boxes is not None and boxes.numel() > 0:
+        return None
+    if values.get("pixel_values") is not None:
+        reference = values["pixel_values"]
+    elif values.get("vision_embeds") is not None:
+        reference = values["vision_embeds"].fpn_hidden_states[0]
+    else:
+        return None  # transformers will say what is missing
+    batch, device = reference.shape[0], reference.device
+    dtype = module.geometry_encoder.boxes_direct_project.weight.dtype
+    values["input_boxes"] = torch.zeros((batch, 1, 4), dtype=dtype, device=device)
+    values["input_boxes_labels"] = torch.full((batch, 1), -10, dtype=torch.long, device=device)
+    return (), values
 
 
 def _read_json(path: Path) -> dict:

@@ -10,9 +10,10 @@ built from the same BPE file). Prints the maximum absolute differences and write
 
 Text alone is not the same computation in the two implementations: Meta always runs its geometry
 encoder (on an empty prompt it still contributes a CLS token to the prompt sequence), transformers'
-Sam3Model skips it when no box is given. The text + box case runs the same graph in both; a third
-case gives ours one box marked as padding (label -10), which makes transformers run the geometry
-encoder (its CLS token only) as Meta does for text alone.
+Sam3Model skips it when no box is given. The text + box case runs the same graph in both; the third
+case is the engine's text-only graph (:func:`MedicalSAM3Core.inference.models.use_prompt_graph`, set
+up by ``load_model``): one box marked as padding (label -10), which makes transformers run the
+geometry encoder (its CLS token only) as Meta does for text alone.
 
 Needs Meta's ``sam3`` package and its dependencies. As published it runs on CUDA (run there:
 ``python Testing/parity/parity_sam3.py --device cuda``); see ``RESULTS.md`` next to this file for
@@ -82,6 +83,7 @@ def main() -> int:
     from sam3.model_builder import build_sam3_image_model
 
     from MedicalSAM3Core.inference.convert import build_clip_tokenizer, convert_state_dict, find_clip_bpe, instantiate
+    from MedicalSAM3Core.inference.models import use_prompt_graph
 
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
@@ -124,14 +126,11 @@ def main() -> int:
         out["_backbone"] = backbone_out
         return out
 
-    def our_forward(with_box: bool, padding_box: bool = False):
+    def our_forward(with_box: bool):
         extra = {}
         if with_box:
             extra = dict(input_boxes=torch.tensor([[box]], device=device),
                          input_boxes_labels=torch.ones(1, 1, dtype=torch.long, device=device))
-        elif padding_box:  # one box marked as padding (-10): transformers then runs the geometry encoder
-            extra = dict(input_boxes=torch.zeros(1, 1, 4, device=device),
-                         input_boxes_labels=torch.full((1, 1), -10, dtype=torch.long, device=device))
         return ours(pixel_values=image, input_ids=tokens["input_ids"].to(device),
                     attention_mask=tokens["attention_mask"].to(device), **extra)
 
@@ -151,9 +150,11 @@ def main() -> int:
         vision = ours.get_vision_features(pixel_values=image)
         text = ours.get_text_features(input_ids=tokens["input_ids"].to(device),
                                       attention_mask=tokens["attention_mask"].to(device), return_dict=True)
-        ours_text_only = our_forward(with_box=False)
+        ours_text_only = our_forward(with_box=False)  # transformers' own text-only graph
         ours_with_box = our_forward(with_box=True)
-        ours_padding_box = our_forward(with_box=False, padding_box=True)
+        # the engine's text-only graph: what load_model sets up for every SAM3 model (default policy)
+        use_prompt_graph(ours, {})
+        ours_engine = our_forward(with_box=False)
 
     backbone = text_only["_backbone"]
     meta_text = backbone["language_features"]  # [L, B, C], sequence first
@@ -166,7 +167,7 @@ def main() -> int:
         "text_features_scale": float(meta_text[:, :n].abs().max()),
         "text_and_box": compare(with_box, ours_with_box),
         "text_only": compare(text_only, ours_text_only),
-        "text_only_vs_ours_with_a_padding_box": compare(text_only, ours_padding_box),
+        "text_only_vs_engine_graph": compare(text_only, ours_engine),
         "device": str(device),
         "image_size": image_size,
         "fewer_layers": args.fewer_layers,

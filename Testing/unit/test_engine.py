@@ -16,9 +16,17 @@ OBLIQUE = Geometry((0.7, 0.8, 2.5), (10.0, -20.0, 30.0),
                    (0.936, -0.275, 0.218, 0.289, 0.956, -0.043, -0.196, 0.104, 0.975))
 
 
+def _sam3_text_graph(detector, **inputs):
+    """``Sam3Model.forward`` (no hooks) as SAM3 runs a text prompt: with the empty geometry prompt,
+    i.e. one box labelled -10 (padding) per image."""
+    batch = inputs["pixel_values"].shape[0]
+    return detector.forward(**inputs, input_boxes=torch.zeros(batch, 1, 4),
+                            input_boxes_labels=torch.full((batch, 1), -10, dtype=torch.long))
+
+
 def _transformers_reference(model, raw_slice, text, score_threshold, mask_threshold):
     """The plain transformers path on one slice: Sam3Processor-equivalent preprocessing,
-    Sam3Model.forward and post_process_instance_segmentation."""
+    Sam3Model.forward (SAM3's text-prompt graph, written out) and post_process_instance_segmentation."""
     from transformers import Sam3ImageProcessor
 
     low, high = -150.0, 250.0  # the abdomen window the engine chooses for 'liver' on CT
@@ -29,8 +37,8 @@ def _transformers_reference(model, raw_slice, text, score_threshold, mask_thresh
                              return_tensors="pt")["pixel_values"]
     tokens = model.tokenizer(text, return_tensors="pt", padding="max_length", max_length=32)
     with torch.inference_mode():
-        outputs = model.detector(pixel_values=pixel_values, input_ids=tokens["input_ids"],
-                                 attention_mask=tokens["attention_mask"])
+        outputs = _sam3_text_graph(model.detector, pixel_values=pixel_values, input_ids=tokens["input_ids"],
+                                   attention_mask=tokens["attention_mask"])
     return processor.post_process_instance_segmentation(outputs, threshold=score_threshold,
                                                         mask_threshold=mask_threshold,
                                                         target_sizes=[raw_slice.shape])[0]
@@ -233,3 +241,71 @@ def test_mask_iou_replacement_equals_transformers_and_is_installed(tiny_model):
     reference_inter = (a[:, None] & b[None]).flatten(2).sum(2).float()
     reference_union = (a[:, None] | b[None]).flatten(2).sum(2).float()
     torch.testing.assert_close(mask_iou(a, b), reference_inter / reference_union.clamp(min=1))
+
+
+# -- SAM3's text-prompt graph (Meta runs the geometry encoder on an empty prompt; see use_prompt_graph) --
+def _inputs(model, texts=("liver", "spleen")):
+    torch.manual_seed(0)
+    size = model.image_size
+    tokens = model.tokenizer(list(texts), return_tensors="pt", padding="max_length", max_length=32)
+    return dict(pixel_values=torch.rand(len(texts), 3, size, size) * 2 - 1, input_ids=tokens["input_ids"],
+                attention_mask=tokens["attention_mask"])
+
+
+def test_a_text_prompt_runs_sam3s_graph_with_the_empty_geometry_prompt(tiny_model):
+    inputs = _inputs(tiny_model)
+    with torch.inference_mode():
+        engine = tiny_model.detector(**inputs)
+        sam3 = _sam3_text_graph(tiny_model.detector, **inputs)
+        plain = tiny_model.detector.forward(**inputs)  # transformers' own text-only graph
+    for name in ("pred_logits", "presence_logits", "pred_boxes", "pred_masks"):
+        torch.testing.assert_close(getattr(engine, name), getattr(sam3, name), rtol=0, atol=0)
+    # the two graphs are different networks for the same weights: the hook is not a no-op
+    assert (engine.pred_logits - plain.pred_logits).abs().max() > 1e-3
+
+
+def test_box_prompts_pass_through_the_graph_unchanged(tiny_model):
+    inputs = _inputs(tiny_model)
+    boxes = dict(input_boxes=torch.tensor([[[0.5, 0.5, 0.3, 0.2]], [[0.4, 0.6, 0.2, 0.2]]]),
+                 input_boxes_labels=torch.ones(2, 1, dtype=torch.long))
+    with torch.inference_mode():
+        hooked = tiny_model.detector(**inputs, **boxes)
+        plain = tiny_model.detector.forward(**inputs, **boxes)
+    torch.testing.assert_close(hooked.pred_logits, plain.pred_logits, rtol=0, atol=0)
+    torch.testing.assert_close(hooked.pred_masks, plain.pred_masks, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("empty_prompt", [True, False])
+def test_propagate_mode_runs_the_models_graph_in_the_video_models_own_detector_calls(tiny_model, phantom,
+                                                                                     empty_prompt):
+    from MedicalSAM3Core.inference.engine import Segmenter
+    from MedicalSAM3Core.inference.models import use_prompt_graph
+
+    calls = []
+    handle = tiny_model.detector.geometry_encoder.register_forward_hook(lambda *_: calls.append(1))
+    use_prompt_graph(tiny_model.detector, {"empty_geometry_prompt": empty_prompt})
+    try:
+        Segmenter(tiny_model).segment(Volume(phantom[:6], modality="CT"), ["liver"],
+                                      SegmentOptions(mode="propagate", **LOW))
+    finally:
+        handle.remove()
+        use_prompt_graph(tiny_model.detector, tiny_model.preprocessing)
+    # Sam3VideoModel calls its detector with image and text embeddings only: the hook adds the prompt
+    assert (len(calls) > 0) == empty_prompt
+
+
+def test_the_graph_is_the_models_choice_and_validated(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "medsam3_preprocessing.json").write_text(json.dumps({"empty_geometry_prompt": False}))
+    model = load_model(str(folder), device="cpu")
+    inputs = _inputs(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(model.detector(**inputs).pred_logits,
+                                   model.detector.forward(**inputs).pred_logits, rtol=0, atol=0)
+    (folder / "medsam3_preprocessing.json").write_text(json.dumps({"empty_geometry_prompt": "yes"}))
+    with pytest.raises(ModelLoadError, match="empty_geometry_prompt must be true or false"):
+        load_model(str(folder), device="cpu")
