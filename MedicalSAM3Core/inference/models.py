@@ -278,8 +278,10 @@ def use_prompt_graph(detector: "torch.nn.Module", preprocessing: dict) -> None:
 
 def _add_empty_geometry_prompt(module, args, kwargs):
     """Forward pre-hook of :func:`use_prompt_graph`: one box labelled -10 (padding) per image."""
-    bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
-    values = {**{k: v for k, v in bound.items() if k != "kwargs"}, **bound.get("kwargs", {})}
+    values = dict(kwargs)
+    if args:  # positional inputs (every caller here passes keywords): name them
+        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+        values = {**{k: v for k, v in bound.items() if k != "kwargs"}, **bound.get("kwargs", {})}
     boxes = values.get("input_boxes")
     if boxes is not None and boxes.numel() > 0:
         return None
