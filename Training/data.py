@@ -413,7 +413,8 @@ def collate(items: list[dict]) -> dict:
 
 
 class BalancedSampler(Sampler[int]):
-    """Concepts drawn uniformly; within a concept a positive slice with probability
+    """Concepts drawn uniformly, or in proportion to ``concept_weights`` (concept -> positive
+    weight, 1 for concepts not named); within a concept a positive slice with probability
     ``positive_fraction``, else a negative one. Deterministic for (seed, epoch); each rank draws
     its own disjoint share of one global stream, so ``world_size`` ranks x ``n`` samples equal one
     process drawing ``world_size * n``.
@@ -425,7 +426,8 @@ class BalancedSampler(Sampler[int]):
     first drawing a (concept, positive) pair as above, so concepts stay balanced."""
 
     def __init__(self, dataset: SliceDataset, num_samples: int, seed: int = 0, positive_fraction: float = 0.7,
-                 rank: int = 0, world_size: int = 1, concepts_per_slice: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, concepts_per_slice: int = 1,
+                 concept_weights: Optional[dict] = None) -> None:
         self.dataset, self.num_samples, self.seed = dataset, num_samples, seed
         self.positive_fraction, self.rank, self.world_size = positive_fraction, rank, world_size
         self.concepts_per_slice = int(concepts_per_slice)
@@ -443,12 +445,27 @@ class BalancedSampler(Sampler[int]):
         if not 1 <= self.concepts_per_slice <= len(self.concepts):
             raise InputError(f"concepts_per_slice must be between 1 and the number of concepts ({len(self.concepts)}), "
                              f"got {concepts_per_slice}")
+        weights = {}  # keyed by canonical name: "aorta" and the dictionary's synonyms name Aorta
+        for name, weight in (concept_weights or {}).items():
+            resolved = self.dataset.dictionary.lookup(name) if isinstance(name, str) else None
+            weights[resolved.name if resolved is not None and resolved.name in self.concepts else name] = weight
+        unknown = sorted(set(weights) - set(self.concepts), key=str)
+        if unknown:
+            raise InputError(f"concept_weights names {', '.join(map(repr, unknown))}, not a concept of the dataset; "
+                             f"its concepts: {', '.join(self.concepts)}")
+        bad = [c for c, w in weights.items()
+               if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w) or w <= 0]
+        if bad:
+            raise InputError(f"concept_weights must be positive numbers; got {', '.join(f'{c}: {weights[c]!r}' for c in bad)}")
+        p = np.asarray([float(weights.get(c, 1.0)) for c in self.concepts])
+        self.probabilities = p / p.sum() if weights else None  # None: uniform, the stream of earlier versions
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _draw(self, rng: np.random.Generator) -> int:
-        concept = self.concepts[rng.integers(len(self.concepts))]
+        concept = self.concepts[rng.integers(len(self.concepts)) if self.probabilities is None
+                                else rng.choice(len(self.concepts), p=self.probabilities)]
         positive = rng.random() < self.positive_fraction or (concept, False) not in self.pools
         pool = self.pools[(concept, positive)]
         return int(pool[rng.integers(len(pool))])

@@ -47,7 +47,7 @@ DEFAULTS = {
              "class_on_absent": False},
     "train": {"steps": 1000, "batch_size": 4, "epoch_steps": 100, "val_every": 0, "val_slices": 64,
               "checkpoint_every": 100, "log_every": 10, "output": "runs/medsam3", "seed": 0, "device": "auto",
-              "num_workers": 0, "positive_fraction": 0.7, "concepts_per_slice": 1, "export_dtype": "float32", "export_tracker": True,
+              "num_workers": 0, "positive_fraction": 0.7, "concepts_per_slice": 1, "concept_weights": {}, "export_dtype": "float32", "export_tracker": True,
               "box_prompt_probability": 0.0, "box_noise": 0.1, "fsdp": False},
 }
 
@@ -275,7 +275,8 @@ class Trainer:
         self.local_batch = t["batch_size"] // self.world
         self.sampler = BalancedSampler(self.train_set, t["epoch_steps"] * self.local_batch, seed=t["seed"],
                                        positive_fraction=t["positive_fraction"], rank=self.rank, world_size=self.world,
-                                       concepts_per_slice=t["concepts_per_slice"])
+                                       concepts_per_slice=t["concepts_per_slice"],
+                                       concept_weights=t["concept_weights"])
         loss = config["loss"]
         self.criterion = Criterion(LossWeights(**loss["weights"]), MatchCosts(**loss["costs"]), loss["o2m_k"],
                                    loss["o2m_iou"], loss["class_loss"], float(loss["pos_weight"]),
@@ -440,8 +441,8 @@ class Trainer:
                 self.save_checkpoint()
         progress.close()
         self.save_checkpoint()
-        if self.step >= t["steps"]:
-            self._export(metrics)
+        if self.step >= t["steps"]:  # a finished run resumed only to export again keeps its last metrics
+            self._export(metrics or self._last_logged())
         if self.writer is not None:
             self.writer.close()
         return metrics
@@ -456,6 +457,15 @@ class Trainer:
             bundle.detector.load_state_dict(model_state, strict=True)
         if self.rank == 0:
             export_model(bundle, self.output / "model", self.config, metrics)
+
+    def _last_logged(self) -> dict:
+        """The last training record of ``metrics.jsonl``, without its step and time."""
+        path, last = self.output / "metrics.jsonl", {}
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                record = json.loads(line)
+                last = record if "loss" in record else last
+        return {k: v for k, v in last.items() if k not in ("step", "elapsed_s")}
 
     def _open_writer(self) -> None:
         try:

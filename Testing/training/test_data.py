@@ -113,6 +113,24 @@ def test_balanced_sampler_shards_one_stream(toy_dataset):
     assert list(single) != draws
 
 
+def test_sampler_concept_weights(toy_dataset):
+    """``concept_weights`` draws concepts in proportion to their weights (unnamed ones weigh 1); names
+    outside the dataset and weights that are not positive numbers are refused by name."""
+    spec = load_dataset(toy_dataset)
+    dataset = SliceDataset(spec, [c for c in spec.cases if c.split == "train"], PREPROCESS)
+    assert sorted(spec.concepts) == ["Liver", "Spleen"]
+    draws = list(BalancedSampler(dataset, 2000, seed=3, concept_weights={"liver": 3}))  # dictionary names
+    share = np.mean([dataset.triplets[i].concept == "Liver" for i in draws])
+    assert abs(share - 0.75) < 0.04, share
+    uniform = list(BalancedSampler(dataset, 400, seed=3))
+    assert list(BalancedSampler(dataset, 400, seed=3, concept_weights={})) == uniform
+    with pytest.raises(InputError, match="'Kidney'.*not a concept of the dataset"):
+        BalancedSampler(dataset, 10, concept_weights={"Kidney": 2})
+    for bad in (0, -1.0, float("nan"), "2", True):
+        with pytest.raises(InputError, match="positive numbers"):
+            BalancedSampler(dataset, 10, concept_weights={"Spleen": bad})
+
+
 def test_2d_images_and_coco_annotations(tmp_path):
     """2D cases (PNG image + PNG label map) and a COCO file (polygon + RLE) in one dataset."""
     import SimpleITK as sitk

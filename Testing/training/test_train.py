@@ -242,6 +242,27 @@ def test_detector_only_export_runs_slices_mode_and_says_so(toy_dataset, tmp_path
     assert any("no tracker" in w for w in result.warnings) and result.geometry == volume.geometry
 
 
+def test_finished_run_exports_again_without_its_tracker(toy_dataset, tmp_path):
+    """A finished run resumed with ``export_tracker: false`` writes the same detector alone and keeps
+    the run's last metrics in training.json (how a detector-only model is made from a run that exported both)."""
+    from Training.train import Trainer
+
+    first = Trainer(tiny_config(toy_dataset, tmp_path, steps=2))
+    logged = first.run()
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["model_type"] == "sam3_video"
+    again = Trainer(tiny_config(toy_dataset, tmp_path, steps=2, export_tracker=False))
+    assert again.run(resume=True) == {}  # nothing left to train
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["model_type"] == "sam3"
+    recorded = json.loads((tmp_path / "model" / "training.json").read_text())
+    assert recorded["config"]["train"]["export_tracker"] is False
+    assert recorded["metrics"]["loss"] == pytest.approx(logged["loss"])
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "model" / "model.safetensors")
+    for name, value in first.detector.state_dict().items():
+        torch.testing.assert_close(weights[name], value, msg=name)
+
+
 def test_config_errors_name_the_problem(toy_dataset, tmp_path):
     from Training.train import load_config
 
