@@ -38,7 +38,7 @@ demo: install
 		-o $(DEMO_OUT)/example_ct_sm_seg.nii.gz --seg-nrrd --overlay
 	@echo "Open $(DEMO_OUT)/example_ct_sm_seg_overlay.png to look at the result."
 
-# Train the demo model (Training/configs/demo.yaml; 65 minutes for 3000 steps on 2 CPU cores, about 1.2 s a
+# Train the demo model (Training/configs/demo.yaml; 2 h 14 min for 5200 steps on 2 CPU cores, 1.2-1.7 s a
 # step) and evaluate it on the hold-out scan
 train-demo: sample-data
 	$(BIN)/medsam3-train --config Training/configs/demo.yaml --output runs/demo
