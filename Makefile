@@ -38,9 +38,11 @@ demo: install
 		-o $(DEMO_OUT)/example_ct_sm_seg.nii.gz --seg-nrrd --overlay
 	@echo "Open $(DEMO_OUT)/example_ct_sm_seg_overlay.png to look at the result."
 
-# Train the demo model (Training/configs/demo.yaml; 2 h 14 min for 5200 steps on 2 CPU cores, 1.2-1.7 s a
-# step) and evaluate it on the hold-out scan
+# Train the demo model in two stages (Training/configs/demo_stage1.yaml: from scratch on liver, spleen
+# and aorta; demo.yaml: fine-tuned on 12 concepts) and evaluate it on the hold-out scan. Time on 2 CPU
+# cores: see Resources/demo_model/README.md
 train-demo: sample-data
+	$(BIN)/medsam3-train --config Training/configs/demo_stage1.yaml --output runs/demo_stage1
 	$(BIN)/medsam3-train --config Training/configs/demo.yaml --output runs/demo
 	$(BIN)/python Training/examples/evaluate_demo.py --model runs/demo/model --output runs/demo/evaluation
 

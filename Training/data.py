@@ -53,6 +53,7 @@ from MedicalSAM3Core.common.errors import InputError
 from MedicalSAM3Core.common.prompts import PromptDictionary, default_dictionary
 from MedicalSAM3Core.common.volume import Volume
 from MedicalSAM3Core.imaging.io import read_volume
+from MedicalSAM3Core.preprocessing.body import AIR_HU, body_mask, uses_body_mask
 from MedicalSAM3Core.preprocessing.intensity import (DEFAULT_PERCENTILES, IntensitySpec, detect_modality,
                                                      spec_for, to_model_input)
 from MedicalSAM3Core.preprocessing.layout import SliceLayout, pixel_spacing
@@ -228,7 +229,7 @@ class SliceDataset(Dataset):
     """Every (slice, concept) pair of the cases of one split; see the module docstring.
 
     ``preprocess``: ``image_size``, ``mean``, ``std`` and the model's ``medsam3_preprocessing.json``
-    keys (``window``, ``field_of_view_mm``, ``orientation``). ``seed`` + the item index seed the augmentation.
+    keys (``window``, ``field_of_view_mm``, ``orientation``, ``body_mask``). ``seed`` + the item index seed the augmentation.
     """
 
     spec: DatasetSpec
@@ -288,9 +289,12 @@ class SliceDataset(Dataset):
                                                   self.preprocess.get("orientation") or "stored")
         stored_shape = image.shape[1:]
         raw = np.ascontiguousarray(orientation.apply(np.asarray(image.array[triplet.slice], dtype=np.float32)))
-        layout = SliceLayout.from_policy(self.preprocess, raw.shape,
-                                         orientation.spacing(*pixel_spacing(image.geometry.spacing, 0)), size)
+        spacing = orientation.spacing(*pixel_spacing(image.geometry.spacing, 0))
+        layout = SliceLayout.from_policy(self.preprocess, raw.shape, spacing, size)
         spec = self.intensity(image, modality, triplet.concept)
+        # the model's body-mask policy, on the clean slice; applied after the noise, so that what lies
+        # outside the body is exactly what the engine feeds (preprocessing.body.mask_outside_body)
+        outside = ~body_mask(raw, spacing) if uses_body_mask(self.preprocess, modality) else None
         if self.augment.active:
             layout = _jitter_layout(layout, self.augment, rng)
             width = spec.high - spec.low
@@ -299,6 +303,8 @@ class SliceDataset(Dataset):
                 spec = IntensitySpec(spec.name, spec.low + rng.uniform(-j, j), spec.high + rng.uniform(-j, j))
             if self.augment.noise:
                 raw = raw + rng.normal(0.0, self.augment.noise * width, raw.shape).astype(np.float32)
+        if outside is not None:  # a new array: raw may still be a view of the cached volume
+            raw = np.where(outside, np.float32(AIR_HU), raw)
         pixel_values = to_model_input(torch.from_numpy(raw)[None], spec, size, self.preprocess["mean"],
                                       self.preprocess["std"], layout)[0]
         masks = []

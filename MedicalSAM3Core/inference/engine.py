@@ -41,6 +41,7 @@ from ..common.progress import CancelToken, ProgressCallback, ProgressTracker
 from ..common.prompts import PromptDictionary, ResolvedPrompt, default_dictionary
 from ..common.result import LabelInfo, SegmentationResult, pack_mask
 from ..common.volume import Volume
+from ..preprocessing.body import BodyMaskedSlices, uses_body_mask
 from ..preprocessing.intensity import IntensitySpec, detect_modality, spec_for, to_model_input
 from ..preprocessing.layout import SliceLayout, pixel_spacing
 from ..preprocessing.orientation import SliceOrientation
@@ -158,6 +159,9 @@ class Segmenter:
                                                   self.model.preprocessing.get("orientation") or "stored")
         view = orientation.apply(np.moveaxis(volume.array, axis, 0))  # (s, rows, cols) as the model sees them
         groups = self._intensity_groups(volume, resolved, options, orientation)
+        if uses_body_mask(self.model.preprocessing, self._modality(volume, options)):
+            # the model's policy: arms and table become air, batch by batch as the loops read them
+            view = BodyMaskedSlices(view, orientation.spacing(*pixel_spacing(volume.geometry.spacing, axis)))
         texts = self.embed_text([p.model_text for p in resolved])
 
         n_slices = view.shape[0]
@@ -179,6 +183,11 @@ class Segmenter:
         return self._finish(volume, resolved, accumulator, axis, orientation, mode, options, groups, warnings)
 
     # -- grouping by intensity mapping -----------------------------------------------------------
+    @staticmethod
+    def _modality(volume: Volume, options: SegmentOptions) -> str:
+        declared = volume.modality if options.modality == "auto" else options.modality
+        return detect_modality(volume.array, declared)
+
     def _intensity_groups(self, volume: Volume, prompts: list[ResolvedPrompt], options: SegmentOptions,
                           orientation: SliceOrientation = SliceOrientation()) -> list[_Group]:
         fixed = self.model.preprocessing.get("window")  # a model trained on one window is always fed it
@@ -188,8 +197,7 @@ class Segmenter:
         layout = SliceLayout.from_policy(self.model.preprocessing, slice_shape,
                                          orientation.spacing(*pixel_spacing(volume.geometry.spacing, axis)),
                                          self.model.image_size)
-        declared = volume.modality if options.modality == "auto" else options.modality
-        modality = detect_modality(volume.array, declared)
+        modality = self._modality(volume, options)
         groups: dict[IntensitySpec, _Group] = {}
         percentile_cache: dict[tuple, IntensitySpec] = {}
         for index, prompt in enumerate(prompts):

@@ -17,6 +17,9 @@ image size (``config.json``), mean/std (``preprocessor_config.json``) and, in ou
 ``orientation``       ``radiological``: every slice shown in the reading convention whatever the
                       voxel order (:mod:`MedicalSAM3Core.preprocessing.orientation`); absent or
                       ``stored``: slices as the array stores them
+``body_mask``         true: in CT, everything outside the patient's trunk (arms, table) is set
+                      to air before windowing (:mod:`MedicalSAM3Core.preprocessing.body`);
+                      absent or false: nothing is masked
 ``empty_geometry_prompt``  true (the default): a text prompt alone runs SAM3's own graph, the
                       geometry encoder on an empty prompt (:func:`use_prompt_graph`); false:
                       transformers' text-only graph, for a model trained that way
@@ -235,6 +238,8 @@ def read_preprocessing(model_dir: Path) -> dict:
 
     if data.get("orientation") is not None and data["orientation"] not in POLICIES:
         raise ModelLoadError(f"{path}: orientation {data['orientation']!r} is not one of {', '.join(POLICIES)}")
+    if not isinstance(data.get("body_mask", False), bool):
+        raise ModelLoadError(f"{path}: body_mask must be true or false, got {data['body_mask']!r}")
     if not isinstance(data.get("empty_geometry_prompt", True), bool):
         raise ModelLoadError(f"{path}: empty_geometry_prompt must be true or false, "
                              f"got {data['empty_geometry_prompt']!r}")

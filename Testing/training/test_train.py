@@ -388,3 +388,19 @@ def test_tiny_config_trains_on_the_real_sample_ct(sample_data, tmp_path):
     assert medsam3(["segment", str(REPO / "Resources" / "sample" / "example_ct_sm.nii.gz"), "-p", "liver",
                     "--model", str(tmp_path / "run" / "model"), "--mode", "slices", "-o", str(out), "-q"]) == 0
     assert out.is_file()
+
+
+def test_body_mask_policy_is_trained_with_and_exported(toy_dataset, tmp_path):
+    """``model.preprocessing.body_mask`` reaches the training pixels and the exported model file,
+    and the engine loads it back as the model's policy."""
+    from MedicalSAM3Core.inference.models import load_model
+    from Training.train import Trainer
+
+    config = tiny_config(toy_dataset, tmp_path, steps=2)
+    config["model"]["preprocessing"] = {"body_mask": True}
+    trainer = Trainer(config)
+    assert trainer.train_set.preprocess["body_mask"] is True
+    trainer.run()
+    exported = json.loads((tmp_path / "model" / "medsam3_preprocessing.json").read_text())
+    assert exported["body_mask"] is True
+    assert load_model(str(tmp_path / "model"), device="cpu").preprocessing["body_mask"] is True
