@@ -1,0 +1,100 @@
+"""The shipped demo model (``Resources/demo_model``, issue #7) on the HOLD-OUT scan, through the CLI.
+
+The hold-out is the DICOM series of the TotalSegmentator 2.18.0 sample data (``example_ct_dicom``:
+another patient and scanner than the training scan), scored against TotalSegmentator's own label
+map for it (a prediction, not hand contours). It is never used for training or model selection.
+Both inference modes run as a user would run them (``python -m MedicalSAM3Core segment`` without
+``--model``); the scores must reach the issue's targets in ``slices`` mode, organs that the scan
+does not contain must come out empty in both modes, and the numbers in the committed evaluation
+(``Resources/demo_model/evaluation/metrics.csv``, which the model card quotes) must be what this
+machine measures again.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "Resources" / "demo_model"
+# label values of TotalSegmentator's map (totalseg_sample.json) and the issue's Dice targets
+PRESENT = {"liver": (5, 0.85), "spleen": (1, 0.75), "aorta": (52, 0.60)}
+ABSENT = {"left kidney": 3, "right kidney": 2, "urinary bladder": 21, "gallbladder": 4}
+MODES = ("slices", "propagate")
+# the prompts of the committed evaluation (Training/examples/evaluate_demo.py): every concept the model
+# was trained on, so that merging (the most confident prompt wins each voxel) is the same
+DATASET = REPO / "Training" / "examples" / "totalseg_sample.json"
+PROMPTS = sorted(set(json.loads(DATASET.read_text())["labels"].values()))
+# until a model that meets the targets is committed (issue #7) there is nothing to test here; from
+# then on every test below runs in `make test`
+pytestmark = pytest.mark.skipif(not (DEMO / "config.json").is_file(),
+                                reason="no demo model in Resources/demo_model yet (issue #7)")
+
+
+@pytest.fixture(scope="module")
+def holdout(sample_data, tmp_path_factory) -> dict:
+    """Both modes' predictions on the hold-out: ``{mode: (label map path, stderr)}``."""
+    out = tmp_path_factory.mktemp("demo_holdout")
+    env = {k: v for k, v in os.environ.items() if k != "MEDSAM3_MODEL"}
+    results = {}
+    for mode in MODES:
+        target = out / mode / "example_ct_dicom.nii.gz"
+        done = subprocess.run([sys.executable, "-m", "MedicalSAM3Core", "segment", str(sample_data / "example_ct_dicom"),
+                               "-p", ", ".join(PROMPTS), "--mode", mode, "-o", str(target), "-q"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[mode] = (target, done.stderr)
+    return results
+
+
+def _scores(sample_data: Path, prediction: Path) -> dict:
+    from MedicalSAM3Core.evaluation.evaluate import LabelRule, evaluate
+
+    rules = [LabelRule(name, None, (value,)) for name, (value, _) in PRESENT.items()]
+    rules += [LabelRule(name, None, (value,)) for name, value in ABSENT.items()]
+    rows, _ = evaluate({"m": prediction.parent}, sample_data / "example_seg_dicom.nii.gz", rules)
+    return {row.structure: row.scores for row in rows}
+
+
+def test_demo_model_is_shipped_small_and_documented():
+    files = {p.name: p for p in DEMO.iterdir() if p.is_file()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "medsam3_preprocessing.json", "README.md",
+            "training.json"} <= set(files)
+    assert sum(p.stat().st_size for p in DEMO.rglob("*") if p.is_file()) <= 25 * 1024 * 1024
+    card = files["README.md"].read_text(encoding="utf-8")
+    for needed in ("make train-demo", "hold-out", "not for clinical use", "TotalSegmentator", "Apache"):
+        assert needed.lower() in card.lower(), f"model card lacks {needed!r}"
+    preprocessing = json.loads(files["medsam3_preprocessing.json"].read_text())
+    assert preprocessing.get("orientation") == "radiological" and preprocessing.get("field_of_view_mm")
+    assert preprocessing.get("body_mask") is True  # trained on a scan cropped to the body: arms and table masked
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_demo_model_on_the_hold_out_scan(holdout, sample_data, mode):
+    prediction, stderr = holdout[mode]
+    assert "using the default model" in stderr and "demo_model" in stderr, stderr[-500:]
+    has_tracker = json.loads((DEMO / "config.json").read_text()).get("model_type") == "sam3_video"
+    if mode == "propagate" and not has_tracker:  # a detector-only model: the user is told what ran
+        assert "used 'slices' mode" in stderr, stderr[-500:]
+    scores = _scores(sample_data, prediction)
+    for name in ABSENT:  # not in this scan: nothing may be drawn
+        assert scores[name].pred_voxels == 0, f"{mode}: {name} is absent from the scan but got {scores[name].pred_voxels} voxels"
+    if mode == "slices":
+        for name, (_, target) in PRESENT.items():
+            assert scores[name].dice >= target, f"{name}: Dice {scores[name].dice:.3f} < {target} on the hold-out"
+
+
+def test_committed_evaluation_is_what_the_model_gives(holdout, sample_data):
+    """The model card quotes ``evaluation/metrics.csv``: measure again and compare."""
+    with open(DEMO / "evaluation" / "metrics.csv", newline="", encoding="utf-8") as handle:
+        committed = {(r["model"], r["structure"].lower()): float(r["dice"]) for r in csv.DictReader(handle)}
+    for mode in MODES:
+        scores = _scores(sample_data, holdout[mode][0])
+        for name in [*PRESENT, *ABSENT]:
+            assert scores[name].dice == pytest.approx(committed[(mode, name)], abs=0.01), (mode, name)
