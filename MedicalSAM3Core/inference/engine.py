@@ -158,8 +158,9 @@ class Segmenter:
         orientation = SliceOrientation.for_volume(volume.geometry.direction, axis,
                                                   self.model.preprocessing.get("orientation") or "stored")
         view = orientation.apply(np.moveaxis(volume.array, axis, 0))  # (s, rows, cols) as the model sees them
-        groups = self._intensity_groups(volume, resolved, options, orientation)
-        if uses_body_mask(self.model.preprocessing, self._modality(volume, options)):
+        modality = self._modality(volume, options)
+        groups = self._intensity_groups(volume, resolved, options, orientation, modality)
+        if uses_body_mask(self.model.preprocessing, modality):
             # the model's policy: arms and table become air, batch by batch as the loops read them
             view = BodyMaskedSlices(view, orientation.spacing(*pixel_spacing(volume.geometry.spacing, axis)))
         texts = self.embed_text([p.model_text for p in resolved])
@@ -189,7 +190,8 @@ class Segmenter:
         return detect_modality(volume.array, declared)
 
     def _intensity_groups(self, volume: Volume, prompts: list[ResolvedPrompt], options: SegmentOptions,
-                          orientation: SliceOrientation = SliceOrientation()) -> list[_Group]:
+                          orientation: SliceOrientation = SliceOrientation(),
+                          modality: Optional[str] = None) -> list[_Group]:
         fixed = self.model.preprocessing.get("window")  # a model trained on one window is always fed it
         axis = SLICE_AXES[options.slice_axis]
         rows, cols = (n for a, n in enumerate(volume.shape) if a != axis)
@@ -197,7 +199,7 @@ class Segmenter:
         layout = SliceLayout.from_policy(self.model.preprocessing, slice_shape,
                                          orientation.spacing(*pixel_spacing(volume.geometry.spacing, axis)),
                                          self.model.image_size)
-        modality = self._modality(volume, options)
+        modality = modality or self._modality(volume, options)
         groups: dict[IntensitySpec, _Group] = {}
         percentile_cache: dict[tuple, IntensitySpec] = {}
         for index, prompt in enumerate(prompts):

@@ -52,7 +52,7 @@ def body_mask(slice_hu: np.ndarray, pixel_spacing: tuple[float, float] = (1.0, 1
     opened = ndimage.binary_opening(tissue, structure=disc)
     if not opened.any():  # only thin things (a sliver of skin at the edge): keep the tissue itself
         opened = tissue
-    components, n = ndimage.label(opened)
+    components, _ = ndimage.label(opened)
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
     keep = np.nonzero(sizes >= min_fraction * sizes.max())[0]
