@@ -231,3 +231,48 @@ def test_sampler_runs_of_one_slice_with_several_concepts(toy_dataset):
     assert [x for pair in zip(*ranks) for x in pair] == draws
     with pytest.raises(InputError, match="concepts_per_slice"):
         BalancedSampler(dataset, 10, concepts_per_slice=len(spec.concepts) + 1)
+
+
+@pytest.mark.parametrize("orientation", ["stored", "radiological"])
+def test_contrast_augmentation_brightens_the_labelled_structure_only(toy_dataset, orientation):
+    """``augment.contrast``: the listed structure is raised by its drawn offset (here exactly 100 HU),
+    found from the label map in the model's orientation; other pixels and the masks are untouched;
+    MR is never changed."""
+    from scipy.ndimage import binary_dilation, binary_erosion
+
+    spec = load_dataset(toy_dataset)
+    preprocess = {**PREPROCESS, "orientation": orientation}
+    contrast = Augment(contrast={"probability": 1.0, "offsets_hu": {"liver": [100, 100]}})
+    plain = SliceDataset(spec, spec.cases[:1], preprocess)
+    enhanced = SliceDataset(spec, spec.cases[:1], preprocess, augment=contrast)
+    for concept in ("Liver", "Spleen"):  # every concept's input shows the enhanced liver
+        index = next(i for i, t in enumerate(plain.triplets) if t.concept == concept and t.slice == 2)
+        before, after = plain[index], enhanced[index]
+        liver = plain[next(i for i, t in enumerate(plain.triplets) if t.concept == "Liver" and t.slice == 2)]["masks"][0].numpy()
+        torch.testing.assert_close(before["masks"], after["masks"])
+        diff = (after["pixel_values"] - before["pixel_values"]).numpy()
+        # the abdomen window is 400 HU wide, mapped to [-1, 1]: +100 HU is +0.5
+        inner = diff[:, binary_erosion(liver, iterations=4)]  # the edges are softened (sigma 1 pixel)
+        assert inner.size and np.allclose(inner, 0.5, atol=0.03) and abs(np.median(inner) - 0.5) < 0.01
+        assert np.abs(diff[:, ~binary_dilation(liver, iterations=6)]).max() < 2e-3  # < 0.4 HU beyond the soft edge
+    mr = SliceDataset(load_dataset(toy_dataset), spec.cases[:1], preprocess, augment=contrast)
+    mr.spec.modality = "MR"
+    mr_plain = SliceDataset(mr.spec, spec.cases[:1], preprocess)
+    torch.testing.assert_close(mr[3]["pixel_values"], mr_plain[3]["pixel_values"])
+
+
+def test_contrast_augmentation_is_validated(toy_dataset):
+    for bad, expected in (({"probability": 2, "offsets_hu": {"liver": [0, 1]}}, "probability must be"),
+                          ({"offsets_hu": {"liver": [50, 10]}}, "low <= high"),
+                          ({"offsets_hu": {"liver": [0, "a"]}}, "must be [low, high]"),
+                          ({"offsets_hu": {}}, "at least one concept"),
+                          ({"offsets": {"liver": [0, 1]}}, "augment.contrast must be")):
+        with pytest.raises(InputError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+            Augment(contrast=bad)
+    spec = load_dataset(toy_dataset)
+    with pytest.raises(InputError) as error:
+        SliceDataset(spec, spec.cases[:1], PREPROCESS,
+                     augment=Augment(contrast={"offsets_hu": {"aorta": [0, 300], "livr": [0, 80], "hepar": [0, 80]}}))
+    message = str(error.value)
+    assert "'aorta' (no label of this dataset)" in message and "'livr' (not a concept" in message
+    assert "hepar" not in message  # a synonym of Liver, which the dataset labels
