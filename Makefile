@@ -40,7 +40,7 @@ demo: install
 
 # Train the demo model in two stages (Training/configs/demo_stage1.yaml: from scratch on liver, spleen
 # and aorta; demo.yaml: fine-tuned on 12 concepts) and evaluate it on the hold-out scan. Measured on 2 CPU
-# cores: 35 + 51 minutes, about 3 minutes for the evaluation
+# cores: about 50 + 51 minutes when nothing else runs, 5 minutes for the evaluation (both prompt sets, both modes)
 train-demo: sample-data
 	$(BIN)/medsam3-train --config Training/configs/demo_stage1.yaml --output runs/demo_stage1
 	$(BIN)/medsam3-train --config Training/configs/demo.yaml --output runs/demo

@@ -48,7 +48,7 @@ DEFAULTS = {
     "train": {"steps": 1000, "batch_size": 4, "epoch_steps": 100, "val_every": 0, "val_slices": 64,
               "checkpoint_every": 100, "log_every": 10, "output": "runs/medsam3", "seed": 0, "device": "auto",
               "num_workers": 0, "positive_fraction": 0.7, "concepts_per_slice": 1, "concept_weights": {}, "export_dtype": "float32", "export_tracker": True,
-              "box_prompt_probability": 0.0, "box_noise": 0.1, "fsdp": False},
+              "export_interpolation": None, "box_prompt_probability": 0.0, "box_noise": 0.1, "fsdp": False},
 }
 
 
@@ -83,6 +83,14 @@ def load_config(path: Path | str) -> dict:
     if bool(config["model"]["init"]) == bool(config["model"]["from_config"]):
         raise InputError(f"{path}: give exactly one of model.init (a model folder or hub id to fine-tune) or "
                          "model.from_config (sizes of a model trained from scratch)")
+    alpha = config["train"]["export_interpolation"]
+    if alpha is not None:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha <= 1.0:
+            raise InputError(f"{path}: train.export_interpolation must be a number in (0, 1] (the weight of the "
+                             f"fine-tuned model), got {alpha!r}")
+        if not config["model"]["init"] or config["model"]["lora"]:
+            raise InputError(f"{path}: train.export_interpolation blends the fine-tuned weights with those of "
+                             "model.init: it needs model.init and full fine-tuning (no model.lora)")
     return config
 
 
@@ -185,6 +193,9 @@ def export_model(bundle: ModelBundle, folder: Path, config: dict, metrics: Optio
 
         save_adapter(bundle.detector, bundle.lora, folder.with_name("adapter"))
         state = merged_state_dict(state, bundle.lora.lora_alpha / bundle.lora.r)
+    alpha = config["train"].get("export_interpolation")
+    if alpha is not None:
+        state = interpolate_with_init(state, config["model"], alpha, tracker=model is bundle.full)
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
     model.save_pretrained(staging, state_dict=state)  # stored in dtype; the engine loads float32
     bundle.tokenizer.save_pretrained(staging)
@@ -195,6 +206,22 @@ def export_model(bundle: ModelBundle, folder: Path, config: dict, metrics: Optio
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(staging, folder)
     return folder
+
+
+def interpolate_with_init(state: dict, model_cfg: dict, alpha: float, tracker: bool) -> dict:
+    """WiSE-FT (Wortsman et al., CVPR 2022): ``(1 - alpha) * init + alpha * fine-tuned`` for every
+    floating-point tensor, the initial weights read again from ``model.init``. Fine-tuning a model on a
+    narrow set (here: new concepts, one patient) costs part of what it did on other data; blending the
+    weights back towards the model it started from recovers much of that while keeping most of the new
+    skill. Tensors the initial model lacks (none for a full fine-tune) are an error."""
+    initial = build_model({**model_cfg, "lora": None})
+    reference = (initial.full if tracker else initial.detector).state_dict()
+    missing = sorted(set(state) - set(reference))
+    if missing:
+        raise MedSAM3Error(f"train.export_interpolation: model.init lacks {len(missing)} tensor(s) of the trained "
+                           f"model, e.g. {missing[0]}")
+    return {k: (torch.lerp(reference[k].to(v.device, v.dtype), v, float(alpha)) if v.is_floating_point() else v)
+            for k, v in state.items()}
 
 
 # -- distributed ---------------------------------------------------------------------------------

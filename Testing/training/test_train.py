@@ -263,6 +263,35 @@ def test_finished_run_exports_again_without_its_tracker(toy_dataset, tmp_path):
         torch.testing.assert_close(weights[name], value, msg=name)
 
 
+def test_export_interpolation_blends_the_fine_tuned_weights_with_the_initial_ones(toy_dataset, tmp_path):
+    """``export_interpolation: a`` (WiSE-FT) exports ``(1 - a) * init + a * fine-tuned`` for every
+    tensor, read from model.init; a finished run resumed with it exports the blend of the same weights."""
+    from safetensors.torch import load_file
+
+    from Training.train import Trainer
+
+    Trainer(tiny_config(toy_dataset, tmp_path / "base", steps=1, export_tracker=False)).run()
+    initial = load_file(tmp_path / "base" / "model" / "model.safetensors")
+
+    def fine_tune(**train):
+        config = tiny_config(toy_dataset, tmp_path / "tuned", steps=2, export_tracker=False, **train)
+        config["model"].update(from_config=None, init=str(tmp_path / "base" / "model"))
+        return Trainer(config)
+
+    trainer = fine_tune()
+    trainer.run()
+    tuned = {k: v.detach().clone() for k, v in trainer.detector.state_dict().items()}
+    moved = [k for k in tuned if tuned[k].is_floating_point() and not torch.equal(tuned[k], initial[k])]
+    assert len(moved) > 10  # the blend below is not trivially the initial model
+    assert fine_tune(export_interpolation=0.25).run(resume=True) == {}  # finished: exports again
+    blended = load_file(tmp_path / "tuned" / "model" / "model.safetensors")
+    assert set(blended) == set(tuned)
+    for name in moved:
+        torch.testing.assert_close(blended[name], 0.75 * initial[name] + 0.25 * tuned[name], msg=name)
+    recorded = json.loads((tmp_path / "tuned" / "model" / "training.json").read_text())
+    assert recorded["config"]["train"]["export_interpolation"] == 0.25
+
+
 def test_config_errors_name_the_problem(toy_dataset, tmp_path):
     from Training.train import load_config
 
@@ -277,7 +306,11 @@ def test_config_errors_name_the_problem(toy_dataset, tmp_path):
              ({"model": model, "data": {"dataset": str(toy_dataset)}, "train": {"stpes": 3}}, "stpes"),
              ({"model": {**model, "init": "x"}, "data": {"dataset": str(toy_dataset)}}, "exactly one"),
              ({"model": model, "data": {"dataset": str(toy_dataset)}, "loss": {"class_loss": "softmax"}},
-              "loss.class_loss must be focal, iabce or bce")]
+              "loss.class_loss must be focal, iabce or bce"),
+             ({"model": {"init": "x"}, "data": {"dataset": str(toy_dataset)}, "train": {"export_interpolation": 1.5}},
+              r"export_interpolation must be a number in \(0, 1\]"),
+             ({"model": model, "data": {"dataset": str(toy_dataset)}, "train": {"export_interpolation": 0.5}},
+              "needs model.init")]
     for content, message in cases:
         with pytest.raises(InputError, match=message):
             load_config(write(content))
