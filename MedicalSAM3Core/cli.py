@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--mode", choices=["propagate", "slices"], default="propagate",
                      help="propagate: detector + memory-bank tracker (default); slices: detector per slice")
     seg.add_argument("--threshold", type=float, default=0.5, help="instance score threshold (default 0.5)")
-    seg.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability threshold (default 0.5)")
+    seg.add_argument("--mask-threshold", type=float, default=None,
+                     help="mask probability threshold (default: the model's own, else 0.5)")
     seg.add_argument("--new-object-threshold", type=float, default=None,
                      help="propagate: detection score that starts a new track (default: the model's, 0.7)")
     seg.add_argument("--shared-anchor", action="store_true",

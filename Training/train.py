@@ -107,8 +107,8 @@ class ModelBundle:
 def build_model(model_cfg: dict, box_prompts: bool = False) -> ModelBundle:
     from transformers import AutoTokenizer, Sam3Model, Sam3VideoModel
 
-    from MedicalSAM3Core.inference.models import (GEOMETRY_BOX_ONLY, read_preprocessing, resolve_model_dir,
-                                                  use_prompt_graph)
+    from MedicalSAM3Core.inference.models import (GEOMETRY_BOX_ONLY, check_preprocessing, read_preprocessing,
+                                                  resolve_model_dir, use_prompt_graph)
     from MedicalSAM3Core.inference.tiny import build_offline_tokenizer, small_video_config
     from MedicalSAM3Core.preprocessing.intensity import SAM3_MEAN, SAM3_STD
 
@@ -129,6 +129,7 @@ def build_model(model_cfg: dict, box_prompts: bool = False) -> ModelBundle:
             if isinstance(module, torch.nn.Dropout):
                 module.p = float(model_cfg["dropout"])
     preprocessing.update(model_cfg.get("preprocessing") or {})
+    check_preprocessing(preprocessing, "model.preprocessing")  # what export writes must load
     # the graph the engine runs: SAM3's empty geometry prompt beside a text prompt unless the model says otherwise
     preprocessing["empty_geometry_prompt"] = bool(preprocessing.get("empty_geometry_prompt", True))
     use_prompt_graph(detector, preprocessing)
@@ -200,7 +201,8 @@ def export_model(bundle: ModelBundle, folder: Path, config: dict, metrics: Optio
     model.save_pretrained(staging, state_dict=state)  # stored in dtype; the engine loads float32
     bundle.tokenizer.save_pretrained(staging)
     keep = {k: v for k, v in bundle.preprocess.items()
-            if k in ("window", "field_of_view_mm", "orientation", "body_mask", "empty_geometry_prompt")}
+            if k in ("window", "field_of_view_mm", "orientation", "body_mask", "empty_geometry_prompt",
+                     "mask_threshold")}
     (staging / "medsam3_preprocessing.json").write_text(json.dumps(keep, indent=2) + "\n")
     (staging / "training.json").write_text(json.dumps({"config": config, "metrics": metrics or {}}, indent=2) + "\n")
     shutil.rmtree(folder, ignore_errors=True)

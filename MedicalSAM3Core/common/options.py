@@ -28,7 +28,9 @@ class SegmentOptions:
 
     mode: str = "propagate"
     score_threshold: float = 0.5
-    mask_threshold: float = 0.5
+    # mask probability above which a pixel belongs to an instance; None: the model's own
+    # (``mask_threshold`` of its medsam3_preprocessing.json, chosen on validation data), else SAM3's 0.5
+    mask_threshold: Optional[float] = None
     instances: str = "best"  # "best": best instance per slice; "union": all instances above threshold
     window: str = "auto"  # CT preset name, or "auto" (modality + prompt anatomy)
     modality: str = "auto"  # "auto" (file tag, else HU heuristic), "CT", "MR", ...
@@ -49,7 +51,7 @@ class SegmentOptions:
             raise InputError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
         for name in ("score_threshold", "mask_threshold"):
             value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
+            if value is not None and not 0.0 <= value < 1.0:
                 raise InputError(f"{name} must be in [0, 1), got {value}")
         if self.new_object_threshold is not None and not 0.0 <= self.new_object_threshold < 1.0:
             raise InputError(f"new_object_threshold must be in [0, 1), got {self.new_object_threshold}")
@@ -115,7 +117,7 @@ class SegmentOptions:
         return options
 
 
-_TYPES = {"mode": "str", "score_threshold": "number", "mask_threshold": "number", "instances": "str",
+_TYPES = {"mode": "str", "score_threshold": "number", "mask_threshold": "number?", "instances": "str",
           "window": "str", "modality": "str", "percentiles": "pair", "slice_axis": "str", "batch_size": "int",
           "new_object_threshold": "number?", "anchor_samples": "int", "shared_anchor": "bool",
           "min_component_voxels": "int", "fill_holes": "bool", "label_dtype": "str"}

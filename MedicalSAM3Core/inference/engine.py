@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -140,6 +140,8 @@ class Segmenter:
         """
         options = options or SegmentOptions()
         options.validate()
+        if options.mask_threshold is None:  # the model's own threshold, else SAM3's
+            options = replace(options, mask_threshold=float(self.model.preprocessing.get("mask_threshold", 0.5)))
         resolved = self.dictionary.resolve_all(list(prompts))
         warnings = [p.warning for p in resolved if p.warning]
         for message in warnings:

@@ -23,6 +23,8 @@ image size (``config.json``), mean/std (``preprocessor_config.json``) and, in ou
 ``empty_geometry_prompt``  true (the default): a text prompt alone runs SAM3's own graph, the
                       geometry encoder on an empty prompt (:func:`use_prompt_graph`); false:
                       transformers' text-only graph, for a model trained that way
+``mask_threshold``    the mask probability (in (0, 1)) above which a pixel is drawn, chosen for this
+                      model on validation data; used when the caller gives none (absent: SAM3's 0.5)
 """
 
 from __future__ import annotations
@@ -225,10 +227,15 @@ PREPROCESSING_FILE = "medsam3_preprocessing.json"
 
 def read_preprocessing(model_dir: Path) -> dict:
     """The model's ``medsam3_preprocessing.json`` (see module docstring), validated."""
+    path = Path(model_dir) / PREPROCESSING_FILE
+    return check_preprocessing(_read_json(path), path)
+
+
+def check_preprocessing(data: dict, path) -> dict:
+    """``data`` (a ``medsam3_preprocessing.json`` object) if every known entry is usable, else a
+    :class:`ModelLoadError` naming ``path`` and the entry."""
     from ..common.options import CT_WINDOWS
 
-    path = Path(model_dir) / PREPROCESSING_FILE
-    data = _read_json(path)
     window, fov = data.get("window"), data.get("field_of_view_mm")
     if window is not None and window not in CT_WINDOWS:
         raise ModelLoadError(f"{path}: window {window!r} is not one of {', '.join(CT_WINDOWS)}")
@@ -243,6 +250,10 @@ def read_preprocessing(model_dir: Path) -> dict:
     if not isinstance(data.get("empty_geometry_prompt", True), bool):
         raise ModelLoadError(f"{path}: empty_geometry_prompt must be true or false, "
                              f"got {data['empty_geometry_prompt']!r}")
+    threshold = data.get("mask_threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0.0 < threshold < 1.0):
+        raise ModelLoadError(f"{path}: mask_threshold must be a number between 0 and 1, got {threshold!r}")
     return data
 
 

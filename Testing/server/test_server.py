@@ -113,6 +113,8 @@ BAD_REQUESTS = {
     "blank prompt": (_raw_message(_good_header(prompts=["  "]), bytes(64)), "empty prompt"),
     "unknown option": (_raw_message(_good_header(options={"turbo": True}), bytes(64)), "unknown option"),
     "bad option type": (_raw_message(_good_header(options={"score_threshold": "high"}), bytes(64)), "wrong type"),
+    "mask threshold out of range": (_raw_message(_good_header(options={"mask_threshold": 1.5}), bytes(64)),
+                                    "mask_threshold must be in [0, 1)"),
     "nan voxels": (_raw_message(_good_header(arrays=[{"name": "volume", "dtype": "<f4", "shape": [2, 4, 4]}]),
                                 np.full(32, np.nan, "<f4").tobytes()), "NaN"),
     "wire version": (_raw_message(_good_header(wire_version=7), bytes(64)), "wire version"),

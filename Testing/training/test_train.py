@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from MedicalSAM3Core.common.errors import InputError
+from MedicalSAM3Core.common.errors import InputError, ModelLoadError
 from toydata import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -204,14 +204,14 @@ def test_exported_model_segments_with_the_engine(toy_dataset, tmp_path):
     from safetensors import safe_open
 
     config = tiny_config(toy_dataset, tmp_path, steps=2, export_dtype="float16")
-    config["model"]["preprocessing"] = {"field_of_view_mm": 100.0}
+    config["model"]["preprocessing"] = {"field_of_view_mm": 100.0, "mask_threshold": 0.3}
     trainer = Trainer(config)
     trainer.run()
     with safe_open(str(tmp_path / "model" / "model.safetensors"), "pt") as stored:
         key = "detector_model.dot_product_scoring.text_proj.weight"
         assert stored.get_tensor(key).dtype == torch.float16
     model = load_model(str(tmp_path / "model"), device="cpu")
-    assert model.preprocessing == {"field_of_view_mm": 100.0, "empty_geometry_prompt": True}
+    assert model.preprocessing == {"field_of_view_mm": 100.0, "mask_threshold": 0.3, "empty_geometry_prompt": True}
     assert model.video is not None
     loaded = model.detector.dot_product_scoring.text_proj.weight
     assert loaded.dtype == torch.float32
@@ -219,6 +219,13 @@ def test_exported_model_segments_with_the_engine(toy_dataset, tmp_path):
     volume = read_volume(toy_dataset.parent / "case2.nii.gz")
     result = Segmenter(model).segment(volume, ["liver"], SegmentOptions(mode="slices"))
     assert result.shape == volume.shape and result.geometry == volume.geometry
+    # the model's mask threshold is used when the caller gives none, and recorded; the caller's wins
+    assert result.parameters["mask_threshold"] == 0.3
+    chosen = Segmenter(model).segment(volume, ["liver"], SegmentOptions(mode="slices", mask_threshold=0.6))
+    assert chosen.parameters["mask_threshold"] == 0.6
+    config["model"]["preprocessing"] = {"mask_threshold": 1.5}  # a model that could not be loaded: refused
+    with pytest.raises(ModelLoadError, match="model.preprocessing: mask_threshold must be a number between 0 and 1"):
+        Trainer(config)
 
 
 def test_detector_only_export_runs_slices_mode_and_says_so(toy_dataset, tmp_path):

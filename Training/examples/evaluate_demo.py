@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--modes", default="slices,propagate")
     parser.add_argument("--threshold", type=float, default=0.5)
-    parser.add_argument("--mask-threshold", type=float, default=0.5)
+    parser.add_argument("--mask-threshold", type=float, default=None,
+                        help="default: the model's own (its medsam3_preprocessing.json), else 0.5")
     parser.add_argument("--case", choices=["holdout", "validation"], default="holdout")
     args = parser.parse_args(argv)
     if args.case == "holdout":
@@ -100,9 +101,9 @@ def main(argv=None) -> int:
         preds = []
         for mode in args.modes.split(","):
             out = args.output / f"pred_{name}_{mode}" / f"{args.case}.nii.gz"
+            chosen = [] if args.mask_threshold is None else ["--mask-threshold", str(args.mask_threshold)]
             code = medsam3(["segment", str(scan), "-p", ", ".join(prompts), "--model", args.model, "--mode", mode,
-                            "--threshold", str(args.threshold), "--mask-threshold", str(args.mask_threshold),
-                            "-o", str(out), "--overwrite", "-q"])
+                            "--threshold", str(args.threshold), *chosen, "-o", str(out), "--overwrite", "-q"])
             if code:
                 return code
             preds += ["--pred", f"{name}_{mode}={out.parent}"]
