@@ -140,8 +140,7 @@ class Segmenter:
         """
         options = options or SegmentOptions()
         options.validate()
-        if options.mask_threshold is None:  # the model's own threshold, else SAM3's
-            options = replace(options, mask_threshold=float(self.model.preprocessing.get("mask_threshold", 0.5)))
+        options = replace(options, mask_threshold=self._mask_threshold(options))  # recorded in the sidecar
         resolved = self.dictionary.resolve_all(list(prompts))
         warnings = [p.warning for p in resolved if p.warning]
         for message in warnings:
@@ -184,6 +183,12 @@ class Segmenter:
                 self._run_propagate(view, track, anchor, texts, options, accumulator, tracker)
 
         return self._finish(volume, resolved, accumulator, axis, orientation, mode, options, groups, warnings)
+
+    def _mask_threshold(self, options: SegmentOptions) -> float:
+        """The caller's mask threshold, else the model's own (its medsam3_preprocessing.json), else SAM3's 0.5."""
+        if options.mask_threshold is not None:
+            return float(options.mask_threshold)
+        return float(self.model.preprocessing.get("mask_threshold", 0.5))
 
     # -- grouping by intensity mapping -----------------------------------------------------------
     @staticmethod
@@ -251,7 +256,7 @@ class Segmenter:
             with model.autocast():
                 outputs = model.detector(vision_embeds=vision, text_embeds=text_features, attention_mask=attention_mask)
             conf, score = instance_confidence(outputs, group.layout, options.score_threshold,
-                                              options.mask_threshold, options.instances)
+                                              self._mask_threshold(options), options.instances)
             yield k, conf.cpu().numpy(), score.cpu().numpy()
 
     # -- propagate mode --------------------------------------------------------------------------
@@ -353,7 +358,7 @@ class Segmenter:
                 continue
             logits = group.layout.to_slice(low_res[None], fill=_NOTHING_LOGIT)[0, 0].cpu()
             probs = torch.sigmoid(logits)
-            claimed = probs > options.mask_threshold
+            claimed = probs > self._mask_threshold(options)
             if not claimed.any():
                 continue
             obj_conf = torch.where(claimed, score * probs, torch.zeros(()))
