@@ -484,11 +484,18 @@ class BalancedSampler(Sampler[int]):
     concepts (each a concept the slice contains with probability ``positive_fraction``, else one it
     lacks), as SAM3 trains on several noun phrases per image, present and absent: the same pixels
     with different texts teach the presence head to read the text. The slice of a run is found by
-    first drawing a (concept, positive) pair as above, so concepts stay balanced."""
+    first drawing a (concept, positive) pair as above, so concepts stay balanced.
+
+    ``hard_negative_fraction`` f > 0: a negative is drawn, with probability f, among the HARD negatives
+    of its concept, the slices that lack it within ``hard_negative_slices`` slices of one that has it
+    (same case): the kidney's absence just above its upper pole, beside the liver and spleen, teaches
+    presence better than a pelvic slice does. Concepts without such slices draw from all their
+    negatives. f = 0 (the default) draws the stream of earlier versions."""
 
     def __init__(self, dataset: SliceDataset, num_samples: int, seed: int = 0, positive_fraction: float = 0.7,
                  rank: int = 0, world_size: int = 1, concepts_per_slice: int = 1,
-                 concept_weights: Optional[dict] = None) -> None:
+                 concept_weights: Optional[dict] = None, hard_negative_fraction: float = 0.0,
+                 hard_negative_slices: int = 10) -> None:
         self.dataset, self.num_samples, self.seed = dataset, num_samples, seed
         self.positive_fraction, self.rank, self.world_size = positive_fraction, rank, world_size
         self.concepts_per_slice = int(concepts_per_slice)
@@ -520,6 +527,25 @@ class BalancedSampler(Sampler[int]):
             raise InputError(f"concept_weights must be positive numbers; got {', '.join(f'{c}: {weights[c]!r}' for c in bad)}")
         p = np.asarray([float(weights.get(c, 1.0)) for c in self.concepts])
         self.probabilities = p / p.sum() if weights else None  # None: uniform, the stream of earlier versions
+        if isinstance(hard_negative_fraction, bool) or not isinstance(hard_negative_fraction, (int, float)) \
+                or not 0.0 <= hard_negative_fraction <= 1.0:
+            raise InputError(f"hard_negative_fraction must be a number in [0, 1], got {hard_negative_fraction!r}")
+        if isinstance(hard_negative_slices, bool) or not isinstance(hard_negative_slices, int) or hard_negative_slices < 1:
+            raise InputError(f"hard_negative_slices must be a whole number >= 1, got {hard_negative_slices!r}")
+        self.hard_negative_fraction = float(hard_negative_fraction)
+        self.hard_pools: dict[str, np.ndarray] = {}
+        if self.hard_negative_fraction > 0:
+            for concept in self.concepts:
+                present: dict[int, np.ndarray] = {}
+                for i in self.pools[(concept, True)]:
+                    t = dataset.triplets[i]
+                    present.setdefault(t.case, []).append(t.slice)
+                present = {case: np.asarray(z) for case, z in present.items()}
+                hard = [i for i in self.pools.get((concept, False), [])
+                        if dataset.triplets[i].case in present and np.abs(
+                            present[dataset.triplets[i].case] - dataset.triplets[i].slice).min() <= hard_negative_slices]
+                if hard:
+                    self.hard_pools[concept] = np.asarray(hard)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -529,6 +555,9 @@ class BalancedSampler(Sampler[int]):
                                 else rng.choice(len(self.concepts), p=self.probabilities)]
         positive = rng.random() < self.positive_fraction or (concept, False) not in self.pools
         pool = self.pools[(concept, positive)]
+        if not positive and self.hard_negative_fraction > 0 and concept in self.hard_pools \
+                and rng.random() < self.hard_negative_fraction:
+            pool = self.hard_pools[concept]
         return int(pool[rng.integers(len(pool))])
 
     def _same_slice(self, first: int, rng: np.random.Generator) -> list[int]:

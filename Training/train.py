@@ -47,7 +47,8 @@ DEFAULTS = {
              "class_on_absent": False},
     "train": {"steps": 1000, "batch_size": 4, "epoch_steps": 100, "val_every": 0, "val_slices": 64,
               "checkpoint_every": 100, "log_every": 10, "output": "runs/medsam3", "seed": 0, "device": "auto",
-              "num_workers": 0, "positive_fraction": 0.7, "concepts_per_slice": 1, "concept_weights": {}, "export_dtype": "float32", "export_tracker": True,
+              "num_workers": 0, "positive_fraction": 0.7, "concepts_per_slice": 1, "concept_weights": {},
+              "hard_negative_fraction": 0.0, "hard_negative_slices": 10, "export_dtype": "float32", "export_tracker": True,
               "export_interpolation": None, "box_prompt_probability": 0.0, "box_noise": 0.1, "fsdp": False},
 }
 
@@ -305,7 +306,9 @@ class Trainer:
         self.sampler = BalancedSampler(self.train_set, t["epoch_steps"] * self.local_batch, seed=t["seed"],
                                        positive_fraction=t["positive_fraction"], rank=self.rank, world_size=self.world,
                                        concepts_per_slice=t["concepts_per_slice"],
-                                       concept_weights=t["concept_weights"])
+                                       concept_weights=t["concept_weights"],
+                                       hard_negative_fraction=t["hard_negative_fraction"],
+                                       hard_negative_slices=t["hard_negative_slices"])
         loss = config["loss"]
         self.criterion = Criterion(LossWeights(**loss["weights"]), MatchCosts(**loss["costs"]), loss["o2m_k"],
                                    loss["o2m_iou"], loss["class_loss"], float(loss["pos_weight"]),

@@ -276,3 +276,34 @@ def test_contrast_augmentation_is_validated(toy_dataset):
     message = str(error.value)
     assert "'aorta' (no label of this dataset)" in message and "'livr' (not a concept" in message
     assert "hepar" not in message  # a synonym of Liver, which the dataset labels
+
+
+def test_sampler_hard_negatives():
+    """``hard_negative_fraction`` f draws that share of a concept's negatives among the slices within
+    ``hard_negative_slices`` of one containing it (same case only); f = 0 keeps the default stream;
+    bad values are refused by name."""
+    from types import SimpleNamespace
+
+    from Training.data import Triplet
+
+    # case 0: liver on slices 10-19 of 30, spleen everywhere; case 1: no liver at all (all its negatives easy)
+    triplets = [Triplet(0, k, "Liver", 10 <= k < 20) for k in range(30)] + [Triplet(0, k, "Spleen", True) for k in range(30)]
+    triplets += [Triplet(1, k, "Liver", False) for k in range(30)] + [Triplet(1, k, "Spleen", True) for k in range(30)]
+    dataset = SimpleNamespace(triplets=triplets)
+    hard = {(0, k) for k in (7, 8, 9, 20, 21, 22)}
+
+    def negatives(sampler):
+        return [(t.case, t.slice) for t in (triplets[i] for i in sampler) if t.concept == "Liver" and not t.positive]
+
+    always = negatives(BalancedSampler(dataset, 3000, seed=1, hard_negative_fraction=1.0, hard_negative_slices=3))
+    assert len(always) > 300 and set(always) == hard
+    half = negatives(BalancedSampler(dataset, 3000, seed=1, hard_negative_fraction=0.5, hard_negative_slices=3))
+    share = np.mean([n in hard for n in half])
+    assert 0.5 < share < 0.6, share  # 0.5 drawn among them + 0.5 x 6/50 that land there anyway
+    assert list(BalancedSampler(dataset, 400, seed=1, hard_negative_fraction=0.0)) == list(BalancedSampler(dataset, 400, seed=1))
+    for bad in (-0.1, 1.5, "0.5", True):
+        with pytest.raises(InputError, match="hard_negative_fraction"):
+            BalancedSampler(dataset, 10, hard_negative_fraction=bad)
+    for bad in (0, 2.5, True):
+        with pytest.raises(InputError, match="hard_negative_slices"):
+            BalancedSampler(dataset, 10, hard_negative_fraction=0.5, hard_negative_slices=bad)
