@@ -556,6 +556,8 @@ def main(argv=None) -> int:
 
             (trainer.output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         trainer.run(resume=args.resume, stop_after=args.stop_after)
+        if dist.is_initialized():  # every rank done (rank 0's checkpoint written) before the group is torn down
+            dist.barrier()
         if trainer.rank == 0:
             print(f"trained weights: {trainer.output / 'model'} (use: medsam3 segment --model {trainer.output / 'model'})")
         return 0
