@@ -473,6 +473,11 @@ def collate(items: list[dict]) -> dict:
     return batch
 
 
+def _near(index: int, others: Optional[list[int]], margin: int) -> bool:
+    """Whether slice ``index`` lies within ``margin`` slices of one of ``others`` (None: no such slice)."""
+    return bool(others) and min(abs(index - k) for k in others) <= margin
+
+
 class BalancedSampler(Sampler[int]):
     """Concepts drawn uniformly, or in proportion to ``concept_weights`` (concept -> positive
     weight, 1 for concepts not named); within a concept a positive slice with probability
@@ -533,17 +538,14 @@ class BalancedSampler(Sampler[int]):
         if isinstance(hard_negative_slices, bool) or not isinstance(hard_negative_slices, int) or hard_negative_slices < 1:
             raise InputError(f"hard_negative_slices must be a whole number >= 1, got {hard_negative_slices!r}")
         self.hard_negative_fraction = float(hard_negative_fraction)
-        self.hard_pools: dict[str, np.ndarray] = {}
+        self.hard_pools: dict[str, np.ndarray] = {}  # empty when f = 0: _draw then consumes no extra draw
         if self.hard_negative_fraction > 0:
             for concept in self.concepts:
-                present: dict[int, np.ndarray] = {}
+                present: dict[int, list[int]] = {}  # case -> slices containing the concept
                 for i in self.pools[(concept, True)]:
-                    t = dataset.triplets[i]
-                    present.setdefault(t.case, []).append(t.slice)
-                present = {case: np.asarray(z) for case, z in present.items()}
+                    present.setdefault(dataset.triplets[i].case, []).append(dataset.triplets[i].slice)
                 hard = [i for i in self.pools.get((concept, False), [])
-                        if dataset.triplets[i].case in present and np.abs(
-                            present[dataset.triplets[i].case] - dataset.triplets[i].slice).min() <= hard_negative_slices]
+                        if _near(dataset.triplets[i].slice, present.get(dataset.triplets[i].case), hard_negative_slices)]
                 if hard:
                     self.hard_pools[concept] = np.asarray(hard)
 
@@ -555,8 +557,7 @@ class BalancedSampler(Sampler[int]):
                                 else rng.choice(len(self.concepts), p=self.probabilities)]
         positive = rng.random() < self.positive_fraction or (concept, False) not in self.pools
         pool = self.pools[(concept, positive)]
-        if not positive and self.hard_negative_fraction > 0 and concept in self.hard_pools \
-                and rng.random() < self.hard_negative_fraction:
+        if not positive and concept in self.hard_pools and rng.random() < self.hard_negative_fraction:
             pool = self.hard_pools[concept]
         return int(pool[rng.integers(len(pool))])
 
