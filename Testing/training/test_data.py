@@ -278,6 +278,71 @@ def test_contrast_augmentation_is_validated(toy_dataset):
     assert "hepar" not in message  # a synonym of Liver, which the dataset labels
 
 
+@pytest.mark.parametrize("orientation", ["stored", "radiological"])
+def test_removal_augmentation_fills_the_structure_and_makes_a_negative(toy_dataset, orientation):
+    """``augment.remove``: a listed concept's sample loses the structure (its pixels now look like
+    the tissue around it, not like the 200 HU spleen) and becomes a negative (no masks, so presence
+    0); pixels away from it, unlisted concepts and probability 0 are unchanged."""
+    from scipy.ndimage import binary_dilation
+
+    spec = load_dataset(toy_dataset)
+    preprocess = {**PREPROCESS, "orientation": orientation}
+    plain = SliceDataset(spec, spec.cases[:1], preprocess)
+    removal = SliceDataset(spec, spec.cases[:1], preprocess,
+                           augment=Augment(remove={"probability": 1.0, "concepts": ["spleen"]}))
+    never = SliceDataset(spec, spec.cases[:1], preprocess, augment=Augment(remove={"probability": 0.0, "concepts": ["spleen"]}))
+    spleen_i = next(i for i, t in enumerate(plain.triplets) if t.concept == "Spleen" and t.slice == 2)
+    liver_i = next(i for i, t in enumerate(plain.triplets) if t.concept == "Liver" and t.slice == 2)
+    before, after = plain[spleen_i], removal[spleen_i]
+    assert before["masks"].shape[0] == 1 and after["masks"].shape[0] == 0 and after["boxes"].shape == (0, 4)
+    spleen = before["masks"][0].numpy()
+    ring = binary_dilation(spleen, iterations=6) & ~binary_dilation(spleen, iterations=3)
+    # abdomen window 400 HU wide mapped to [-1, 1]: 0.1 is 20 HU; spleen 200 HU, body 20 HU
+    inside_before, inside_after = before["pixel_values"][0].numpy()[spleen], after["pixel_values"][0].numpy()[spleen]
+    ring_level = float(np.median(before["pixel_values"][0].numpy()[ring]))
+    assert np.median(inside_before) - ring_level > 0.8
+    assert abs(np.median(inside_after) - ring_level) < 0.1
+    far = ~binary_dilation(spleen, iterations=6)
+    diff = (after["pixel_values"] - before["pixel_values"]).numpy()
+    assert np.abs(diff[:, far]).max() < 1e-5
+    torch.testing.assert_close(removal[liver_i]["pixel_values"], plain[liver_i]["pixel_values"])
+    torch.testing.assert_close(removal[liver_i]["masks"], plain[liver_i]["masks"])
+    torch.testing.assert_close(never[spleen_i]["pixel_values"], before["pixel_values"])
+    torch.testing.assert_close(never[spleen_i]["masks"], before["masks"])
+
+
+def test_fill_from_surroundings_leaves_the_rest_and_its_input_alone():
+    from Training.data import fill_from_surroundings
+
+    rng = np.random.default_rng(0)
+    raw = rng.normal(40.0, 5.0, (32, 32)).astype(np.float32)
+    raw[10:20, 12:22] = 300.0
+    region = raw > 200
+    copy = raw.copy()
+    out = fill_from_surroundings(raw, region, np.random.default_rng(1))
+    np.testing.assert_array_equal(raw, copy)  # a new array, the cached volume is not touched
+    assert abs(float(np.median(out[region])) - 40.0) < 5.0 and float(out[region].max()) < 80.0
+    grown = np.zeros_like(region)
+    grown[8:22, 10:24] = True  # the region dilated by its 2-pixel margin
+    np.testing.assert_array_equal(out[~grown], raw[~grown])
+    assert 2.0 < float(np.std(out[region])) < 10.0  # the surroundings' grain (5), not a flat patch
+
+
+def test_removal_augmentation_is_validated(toy_dataset):
+    for bad, expected in (({"probability": -1, "concepts": ["liver"]}, "probability must be"),
+                          ({"concepts": []}, "at least one concept"),
+                          ({"concepts": "liver"}, "at least one concept"),
+                          ({"organs": ["liver"]}, "augment.remove must be")):
+        with pytest.raises(InputError, match=expected):
+            Augment(remove=bad)
+    spec = load_dataset(toy_dataset)
+    with pytest.raises(InputError) as error:
+        SliceDataset(spec, spec.cases[:1], PREPROCESS, augment=Augment(remove={"concepts": ["aorta", "spleen", "kidny"]}))
+    message = str(error.value)
+    assert "augment.remove.concepts" in message and "'aorta' (no label of this dataset)" in message
+    assert "'kidny' (not a concept" in message and "'spleen'" not in message
+
+
 def test_sampler_hard_negatives():
     """``hard_negative_fraction`` f draws that share of a concept's negatives among the slices within
     ``hard_negative_slices`` of one containing it (same case only); f = 0 keeps the default stream;
