@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--batch-size", type=int, default=4, help="slices per forward pass (default 4)")
     seg.add_argument("--min-component-voxels", type=int, default=0, help="clean-up: drop smaller 3D components")
     seg.add_argument("--fill-holes", action="store_true", help="clean-up: fill enclosed holes")
+    seg.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,
+                     help="clean-up: keep only each structure's largest 3D component (--no-largest-component: "
+                          "never; default: the model's own choice per concept)")
     seg.add_argument("--label-type", choices=["uint8", "uint16"], default="uint8", help="label map voxel type")
     seg.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     seg.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA), float32, bfloat16, float16")
@@ -211,7 +214,8 @@ def _segment(args: argparse.Namespace) -> int:
                              shared_anchor=args.shared_anchor,
                              window=args.window, modality=args.modality, slice_axis=args.slice_axis,
                              batch_size=args.batch_size, min_component_voxels=args.min_component_voxels,
-                             fill_holes=args.fill_holes, label_dtype=args.label_type)
+                             fill_holes=args.fill_holes, largest_component=args.largest_component,
+                             label_dtype=args.label_type)
     options.validate()
     volume = read_volume(args.input)
     if args.server:

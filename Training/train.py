@@ -17,6 +17,7 @@ import copy
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -49,7 +50,8 @@ DEFAULTS = {
               "checkpoint_every": 100, "log_every": 10, "output": "runs/medsam3", "seed": 0, "device": "auto",
               "num_workers": 0, "positive_fraction": 0.7, "concepts_per_slice": 1, "concept_weights": {},
               "hard_negative_fraction": 0.0, "hard_negative_slices": 10, "export_dtype": "float32", "export_tracker": True,
-              "export_interpolation": None, "box_prompt_probability": 0.0, "box_noise": 0.1, "fsdp": False},
+              "export_interpolation": None, "box_prompt_probability": 0.0, "box_noise": 0.1, "fsdp": False,
+              "trainable": None},
 }
 
 
@@ -92,7 +94,41 @@ def load_config(path: Path | str) -> dict:
         if not config["model"]["init"] or config["model"]["lora"]:
             raise InputError(f"{path}: train.export_interpolation blends the fine-tuned weights with those of "
                              "model.init: it needs model.init and full fine-tuning (no model.lora)")
+    trainable = config["train"]["trainable"]
+    if trainable is not None:
+        if not isinstance(trainable, list) or not trainable or not all(isinstance(x, str) and x for x in trainable):
+            raise InputError(f"{path}: train.trainable must be a list of regular expressions over parameter names "
+                             f"(e.g. ['presence']), got {trainable!r}")
+        for pattern in trainable:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise InputError(f"{path}: train.trainable: {pattern!r} is not a regular expression ({error})") from None
+        if config["model"]["lora"]:
+            raise InputError(f"{path}: train.trainable and model.lora exclude each other (LoRA chooses its own parameters)")
     return config
+
+
+def restrict_trainable(detector: torch.nn.Module, patterns: Optional[list[str]]) -> list[str]:
+    """Freeze every trainable parameter whose name matches none of ``patterns`` (``re.search``).
+
+    Returns the names left trainable. Raises :class:`InputError` naming a pattern that matches no
+    trainable parameter (a typo would otherwise freeze everything it was meant to train).
+    """
+    if patterns is None:
+        return [name for name, param in detector.named_parameters() if param.requires_grad]
+    names = [name for name, param in detector.named_parameters() if param.requires_grad]
+    unmatched = [p for p in patterns if not any(re.search(p, name) for name in names)]
+    if unmatched:
+        raise InputError(f"train.trainable: {', '.join(map(repr, unmatched))} match(es) no trainable parameter; "
+                         f"names look like {', '.join(names[:3])}, ... ({len(names)} in all)")
+    kept = []
+    for name, param in detector.named_parameters():
+        if param.requires_grad and not any(re.search(p, name) for p in patterns):
+            param.requires_grad_(False)
+        elif param.requires_grad:
+            kept.append(name)
+    return kept
 
 
 # -- model ---------------------------------------------------------------------------------------
@@ -203,7 +239,7 @@ def export_model(bundle: ModelBundle, folder: Path, config: dict, metrics: Optio
     bundle.tokenizer.save_pretrained(staging)
     keep = {k: v for k, v in bundle.preprocess.items()
             if k in ("window", "field_of_view_mm", "orientation", "body_mask", "empty_geometry_prompt",
-                     "mask_threshold")}
+                     "mask_threshold", "largest_component")}
     (staging / "medsam3_preprocessing.json").write_text(json.dumps(keep, indent=2) + "\n")
     (staging / "training.json").write_text(json.dumps({"config": config, "metrics": metrics or {}}, indent=2) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
@@ -297,6 +333,10 @@ class Trainer:
         if frozen and self.rank == 0:
             log.info("%d parameter tensors get no gradient from text prompts and stay fixed: %s", len(frozen),
                      ", ".join(frozen[:6]) + (" ..." if len(frozen) > 6 else ""))
+        if t["trainable"] is not None:
+            kept = restrict_trainable(self.detector, t["trainable"])
+            if self.rank == 0:
+                log.info("train.trainable: %d parameter tensors are trained, the rest stay fixed", len(kept))
         if datasets is None:
             datasets = build_datasets(config["data"], self.bundle.preprocess)
         self.train_set, self.val_set = datasets

@@ -42,6 +42,10 @@ class SegmentOptions:
     shared_anchor: bool = False  # propagate: one start slice for all prompts (fewer sweeps) instead of one each
     min_component_voxels: int = 0  # clean-up: drop 3D components smaller than this
     fill_holes: bool = False  # clean-up: fill enclosed cavities
+    # clean-up: keep only each structure's largest 3D connected component. None: the model's own choice
+    # (``largest_component`` of its medsam3_preprocessing.json: the concepts it was chosen for on
+    # validation data, as nnU-Net chooses its post-processing per class); True: every prompt; False: none
+    largest_component: Optional[bool] = None
     label_dtype: str = "uint8"
 
     def validate(self) -> None:
@@ -87,6 +91,8 @@ class SegmentOptions:
                 continue
             if kind == "bool" and isinstance(value, bool):
                 continue
+            if kind == "bool?" and (value is None or isinstance(value, bool)):
+                continue
             if kind == "str" and isinstance(value, str):
                 continue
             if kind == "pair" and isinstance(value, (tuple, list)) and len(value) == 2 and all(map(number, value)):
@@ -120,4 +126,4 @@ class SegmentOptions:
 _TYPES = {"mode": "str", "score_threshold": "number", "mask_threshold": "number?", "instances": "str",
           "window": "str", "modality": "str", "percentiles": "pair", "slice_axis": "str", "batch_size": "int",
           "new_object_threshold": "number?", "anchor_samples": "int", "shared_anchor": "bool",
-          "min_component_voxels": "int", "fill_holes": "bool", "label_dtype": "str"}
+          "min_component_voxels": "int", "fill_holes": "bool", "largest_component": "bool?", "label_dtype": "str"}

@@ -184,6 +184,18 @@ class Segmenter:
 
         return self._finish(volume, resolved, accumulator, axis, orientation, mode, options, groups, warnings)
 
+    def largest_component_flags(self, prompts: Sequence[ResolvedPrompt], options: SegmentOptions) -> list[bool]:
+        """Per prompt: keep only its largest 3D component? The caller's choice (True / False for every
+        prompt), else the model's own: prompts whose concept its medsam3_preprocessing.json lists under
+        ``largest_component`` (names or synonyms of the prompt dictionary)."""
+        if options.largest_component is not None:
+            return [bool(options.largest_component)] * len(prompts)
+        chosen = set()
+        for name in self.model.preprocessing.get("largest_component") or ():
+            concept = self.dictionary.lookup(name)
+            chosen.add(concept.name if concept is not None else name.lower())
+        return [p.concept is not None and p.concept.name in chosen for p in prompts]
+
     def _mask_threshold(self, options: SegmentOptions) -> float:
         """The caller's mask threshold, else the model's own (its medsam3_preprocessing.json), else SAM3's 0.5."""
         if options.mask_threshold is not None:
@@ -383,9 +395,10 @@ class Segmenter:
             cols = accumulator.shape[2]
             packed = [pack_mask(np.moveaxis(orientation.restore(np.unpackbits(p, axis=-1, count=cols).astype(bool)),
                                             0, axis)) for p in accumulator.packed]
-        if options.min_component_voxels > 0 or options.fill_holes:
+        largest = self.largest_component_flags(prompts, options)
+        if options.min_component_voxels > 0 or options.fill_holes or any(largest):
             masks = [np.unpackbits(p, axis=-1, count=label_map.shape[2]).astype(bool) for p in packed]
-            label_map, masks = clean_up(label_map, masks, options.min_component_voxels, options.fill_holes)
+            label_map, masks = clean_up(label_map, masks, options.min_component_voxels, options.fill_holes, largest)
             packed = [pack_mask(m) for m in masks]
         counts = _label_counts(label_map, len(prompts) + 1)
         labels = []
@@ -407,6 +420,7 @@ class Segmenter:
         parameters["percentiles"] = list(options.percentiles)
         parameters["intensity"] = {prompts[k].name: g.spec.to_dict() for g in groups for k in g.prompt_indices}
         parameters["device"] = str(self.model.device)
+        parameters["largest_component_applied"] = [p.name for p, flag in zip(prompts, largest) if flag]
         return SegmentationResult(label_map=label_map, geometry=volume.geometry, labels=labels, packed_masks=packed,
                                   mode=mode, model_id=self.model.model_id, slice_axis=options.slice_axis,
                                   warnings=warnings, parameters=parameters)

@@ -12,7 +12,7 @@ axes back to ``(z, y, x)`` at the end. Torch-free (numpy/scipy).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -74,10 +74,12 @@ class VolumeAccumulator:
 
 
 def clean_up(label_map: np.ndarray, masks: list[np.ndarray], min_voxels: int = 0,
-             fill_holes: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+             fill_holes: bool = False, largest: Optional[Sequence[bool]] = None) -> tuple[np.ndarray, list[np.ndarray]]:
     """Optional 3D clean-up of each prompt's mask, applied consistently to the label map.
 
-    Connected components (26-connected) smaller than ``min_voxels`` are removed; with
+    Where ``largest[k]`` is true, prompt ``k`` keeps only its largest connected component (26-connected;
+    for a structure that is one organ, such as the liver or the aorta: far false blobs go). Then
+    components smaller than ``min_voxels`` are removed; with
     ``fill_holes`` enclosed background cavities are filled, in the label map only where no other
     prompt already claims the voxel. ``masks`` are boolean ``(z, y, x)`` arrays, one per prompt,
     prompt ``k`` having label value ``k + 1``.
@@ -87,6 +89,12 @@ def clean_up(label_map: np.ndarray, masks: list[np.ndarray], min_voxels: int = 0
     structure = np.ones((3, 3, 3), dtype=bool)
     for k, mask in enumerate(masks):
         mask = mask.copy()
+        if largest is not None and largest[k] and mask.any():
+            components, n = ndimage.label(mask, structure=structure)
+            if n > 1:
+                sizes = np.bincount(components.ravel())
+                sizes[0] = 0
+                mask = components == int(np.argmax(sizes))
         if min_voxels > 0 and mask.any():
             components, n = ndimage.label(mask, structure=structure)
             sizes = np.bincount(components.ravel())

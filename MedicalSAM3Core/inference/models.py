@@ -25,6 +25,9 @@ image size (``config.json``), mean/std (``preprocessor_config.json``) and, in ou
                       transformers' text-only graph, for a model trained that way
 ``mask_threshold``    the mask probability (in (0, 1)) above which a pixel is drawn, chosen for this
                       model on validation data; used when the caller gives none (absent: SAM3's 0.5)
+``largest_component`` concept names whose result keeps only its largest 3D connected component,
+                      chosen per concept on validation data (as nnU-Net chooses its post-processing);
+                      used when the caller does not decide (absent: none)
 """
 
 from __future__ import annotations
@@ -254,6 +257,10 @@ def check_preprocessing(data: dict, path) -> dict:
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                   or not 0.0 < threshold < 1.0):
         raise ModelLoadError(f"{path}: mask_threshold must be a number between 0 and 1, got {threshold!r}")
+    largest = data.get("largest_component")
+    if largest is not None and (not isinstance(largest, list)
+                                or not all(isinstance(name, str) and name.strip() for name in largest)):
+        raise ModelLoadError(f"{path}: largest_component must be a list of concept names, got {largest!r}")
     return data
 
 

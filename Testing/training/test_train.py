@@ -204,14 +204,15 @@ def test_exported_model_segments_with_the_engine(toy_dataset, tmp_path):
     from safetensors import safe_open
 
     config = tiny_config(toy_dataset, tmp_path, steps=2, export_dtype="float16")
-    config["model"]["preprocessing"] = {"field_of_view_mm": 100.0, "mask_threshold": 0.3}
+    config["model"]["preprocessing"] = {"field_of_view_mm": 100.0, "mask_threshold": 0.3, "largest_component": ["liver"]}
     trainer = Trainer(config)
     trainer.run()
     with safe_open(str(tmp_path / "model" / "model.safetensors"), "pt") as stored:
         key = "detector_model.dot_product_scoring.text_proj.weight"
         assert stored.get_tensor(key).dtype == torch.float16
     model = load_model(str(tmp_path / "model"), device="cpu")
-    assert model.preprocessing == {"field_of_view_mm": 100.0, "mask_threshold": 0.3, "empty_geometry_prompt": True}
+    assert model.preprocessing == {"field_of_view_mm": 100.0, "mask_threshold": 0.3, "largest_component": ["liver"],
+                                   "empty_geometry_prompt": True}
     assert model.video is not None
     loaded = model.detector.dot_product_scoring.text_proj.weight
     assert loaded.dtype == torch.float32
@@ -220,7 +221,7 @@ def test_exported_model_segments_with_the_engine(toy_dataset, tmp_path):
     result = Segmenter(model).segment(volume, ["liver"], SegmentOptions(mode="slices"))
     assert result.shape == volume.shape and result.geometry == volume.geometry
     # the model's mask threshold is used when the caller gives none, and recorded; the caller's wins
-    assert result.parameters["mask_threshold"] == 0.3
+    assert result.parameters["mask_threshold"] == 0.3 and result.parameters["largest_component_applied"] == ["Liver"]
     chosen = Segmenter(model).segment(volume, ["liver"], SegmentOptions(mode="slices", mask_threshold=0.6))
     assert chosen.parameters["mask_threshold"] == 0.6
     config["model"]["preprocessing"] = {"mask_threshold": 1.5}  # a model that could not be loaded: refused
@@ -317,7 +318,13 @@ def test_config_errors_name_the_problem(toy_dataset, tmp_path):
              ({"model": {"init": "x"}, "data": {"dataset": str(toy_dataset)}, "train": {"export_interpolation": 1.5}},
               r"export_interpolation must be a number in \(0, 1\]"),
              ({"model": model, "data": {"dataset": str(toy_dataset)}, "train": {"export_interpolation": 0.5}},
-              "needs model.init")]
+              "needs model.init"),
+             ({"model": model, "data": {"dataset": str(toy_dataset)}, "train": {"trainable": "presence"}},
+              "train.trainable must be a list of regular expressions"),
+             ({"model": model, "data": {"dataset": str(toy_dataset)}, "train": {"trainable": ["detr_(decoder"]}},
+              r"'detr_\(decoder' is not a regular expression"),
+             ({"model": {**model, "lora": {"rank": 4}}, "data": {"dataset": str(toy_dataset)},
+               "train": {"trainable": ["presence"]}}, "exclude each other")]
     for content, message in cases:
         with pytest.raises(InputError, match=message):
             load_config(write(content))
@@ -325,6 +332,29 @@ def test_config_errors_name_the_problem(toy_dataset, tmp_path):
 
     assert main(["--config", str(write({"model": model, "data": {"dataset": str(tmp_path / "none.json")}})),
                  "--output", str(tmp_path / "o")]) == 2
+
+
+def test_trainable_patterns_train_only_what_they_name(toy_dataset, tmp_path):
+    """``train.trainable``: parameters matching none of the regular expressions keep their initial
+    values through training and export; the matching ones are trained; a pattern that matches
+    nothing is refused by name before any step."""
+    from safetensors.torch import load_file
+
+    from Training.train import Trainer
+
+    config = tiny_config(toy_dataset, tmp_path / "run", steps=3, export_tracker=False, trainable=["presence", "^detr_decoder\\.box_head\\."])
+    trainer = Trainer(config)
+    initial = {k: v.detach().clone() for k, v in trainer.detector.state_dict().items()}
+    names = [n for n, p in trainer.detector.named_parameters() if p.requires_grad]
+    assert names and all("presence" in n or n.startswith("detr_decoder.box_head.") for n in names)
+    assert any("presence_head" in n for n in names) and any("box_head" in n for n in names)
+    trainer.run()
+    exported = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    moved = {k for k in initial if initial[k].is_floating_point() and not torch.equal(exported[k], initial[k])}
+    assert moved and moved <= set(names), sorted(moved - set(names))[:5]
+    bad = tiny_config(toy_dataset, tmp_path / "bad", steps=1, trainable=["presence", "prescence_head"])
+    with pytest.raises(InputError, match="'prescence_head' match\\(es\\) no trainable parameter"):
+        Trainer(bad)
 
 
 def test_lora_trains_only_adapters_and_exports_them_merged(toy_dataset, tmp_path):

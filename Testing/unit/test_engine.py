@@ -309,3 +309,31 @@ def test_the_graph_is_the_models_choice_and_validated(tiny_model_dir, tmp_path):
     (folder / "medsam3_preprocessing.json").write_text(json.dumps({"empty_geometry_prompt": "yes"}))
     with pytest.raises(ModelLoadError, match="empty_geometry_prompt must be true or false"):
         load_model(str(folder), device="cpu")
+
+
+def test_largest_component_is_the_models_choice_unless_the_caller_decides(segmenter, phantom, monkeypatch):
+    """The model's ``largest_component`` concepts (synonyms resolved) are cleaned by default; True / False
+    from the caller apply to every prompt; the result records where it was applied; a bad type is named."""
+    monkeypatch.setattr(segmenter.model, "preprocessing", {**segmenter.model.preprocessing,
+                                                           "largest_component": ["hepar", "Aorta"]})
+    prompts = segmenter.dictionary.resolve_all(["liver", "spleen", "aorta", "my structure"])
+    assert segmenter.largest_component_flags(prompts, SegmentOptions()) == [True, False, True, False]
+    assert segmenter.largest_component_flags(prompts, SegmentOptions(largest_component=True)) == [True] * 4
+    assert segmenter.largest_component_flags(prompts, SegmentOptions(largest_component=False)) == [False] * 4
+    result = segmenter.segment(Volume(phantom, modality="CT"), ["liver", "spleen"], SegmentOptions(mode="slices"))
+    assert result.parameters["largest_component_applied"] == ["Liver"] and result.parameters["largest_component"] is None
+    with pytest.raises(InputError, match="option largest_component has the wrong type"):
+        SegmentOptions(largest_component="yes").validate()
+
+
+def test_largest_component_of_a_model_folder_is_validated(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "medsam3_preprocessing.json").write_text(json.dumps({"largest_component": ["liver", "aorta"]}))
+    assert load_model(str(folder), device="cpu").preprocessing["largest_component"] == ["liver", "aorta"]
+    (folder / "medsam3_preprocessing.json").write_text(json.dumps({"largest_component": "liver"}))
+    with pytest.raises(ModelLoadError, match="largest_component must be a list of concept names"):
+        load_model(str(folder), device="cpu")

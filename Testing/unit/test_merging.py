@@ -49,3 +49,20 @@ def test_clean_up_removes_small_components_and_fills_holes():
     cleaned_map, (cleaned,) = clean_up(label_map, [mask], min_voxels=5, fill_holes=True)
     assert not cleaned[0, 0, 10] and cleaned[2, 4, 4]
     assert cleaned_map[0, 0, 10] == 0 and cleaned_map[2, 4, 4] == 1
+
+
+def test_clean_up_keeps_the_largest_component_only_where_asked():
+    """``largest[k]``: prompt k keeps its largest 26-connected component (diagonal neighbours join);
+    other prompts and the voxels of other labels are untouched."""
+    organ = np.zeros((6, 10, 10), bool)
+    organ[1:5, 1:5, 1:5] = True  # 64 voxels
+    organ[5, 5, 5] = True  # touches the block's corner diagonally only: same 26-connected component
+    organ[0, 8:10, 8:10] = True  # a far 4-voxel blob
+    vessel = np.zeros_like(organ)
+    vessel[0, 0, 6:9] = True
+    vessel[3, 8, 0] = True  # a second, separate piece, kept: this prompt is not cleaned
+    label_map = organ.astype(np.uint8) + 2 * vessel.astype(np.uint8)
+    cleaned_map, (kept_organ, kept_vessel) = clean_up(label_map, [organ, vessel], largest=[True, False])
+    assert kept_organ[5, 5, 5] and kept_organ[1:5, 1:5, 1:5].all() and not kept_organ[0, 8:10, 8:10].any()
+    np.testing.assert_array_equal(kept_vessel, vessel)
+    assert (cleaned_map[0, 8:10, 8:10] == 0).all() and cleaned_map[3, 8, 0] == 2 and cleaned_map[2, 2, 2] == 1
