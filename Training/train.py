@@ -115,20 +115,18 @@ def restrict_trainable(detector: torch.nn.Module, patterns: Optional[list[str]])
     Returns the names left trainable. Raises :class:`InputError` naming a pattern that matches no
     trainable parameter (a typo would otherwise freeze everything it was meant to train).
     """
-    if patterns is None:
-        return [name for name, param in detector.named_parameters() if param.requires_grad]
     names = [name for name, param in detector.named_parameters() if param.requires_grad]
+    if patterns is None:
+        return names
     unmatched = [p for p in patterns if not any(re.search(p, name) for name in names)]
     if unmatched:
         raise InputError(f"train.trainable: {', '.join(map(repr, unmatched))} match(es) no trainable parameter; "
                          f"names look like {', '.join(names[:3])}, ... ({len(names)} in all)")
-    kept = []
+    kept = set(name for name in names if any(re.search(p, name) for p in patterns))
     for name, param in detector.named_parameters():
-        if param.requires_grad and not any(re.search(p, name) for p in patterns):
+        if name not in kept:
             param.requires_grad_(False)
-        elif param.requires_grad:
-            kept.append(name)
-    return kept
+    return [name for name in names if name in kept]
 
 
 # -- model ---------------------------------------------------------------------------------------
