@@ -217,23 +217,13 @@ class Augment:
 
     def __post_init__(self) -> None:
         if self.remove is not None:
-            if not isinstance(self.remove, dict) or set(self.remove) - {"probability", "concepts"}:
-                raise InputError("augment.remove must be {probability: P, concepts: [concept, ...]}, "
-                                 f"got {self.remove!r}")
-            p = self.remove.get("probability", 1.0)
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-                raise InputError(f"augment.remove.probability must be a number in [0, 1], got {p!r}")
+            _check_option(self.remove, "remove", "concepts", "[concept, ...]")
             names = self.remove.get("concepts")
             if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n.strip() for n in names):
                 raise InputError(f"augment.remove.concepts must list at least one concept name, got {names!r}")
         if self.contrast is None:
             return
-        if not isinstance(self.contrast, dict) or set(self.contrast) - {"probability", "offsets_hu"}:
-            raise InputError("augment.contrast must be {probability: P, offsets_hu: {concept: [low, high]}}, "
-                             f"got {self.contrast!r}")
-        p = self.contrast.get("probability", 1.0)
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-            raise InputError(f"augment.contrast.probability must be a number in [0, 1], got {p!r}")
+        _check_option(self.contrast, "contrast", "offsets_hu", "{concept: [low, high]}")
         offsets = self.contrast.get("offsets_hu")
         if not isinstance(offsets, dict) or not offsets:
             raise InputError("augment.contrast.offsets_hu must name at least one concept: {concept: [low, high]}")
@@ -276,6 +266,15 @@ def fill_from_surroundings(raw: np.ndarray, region: np.ndarray, rng: np.random.G
     spread = 1.4826 * float(np.median(np.abs(grain[ring] - np.median(grain[ring])))) if ring.any() else 0.0
     noise = rng.normal(0.0, spread, raw.shape).astype(np.float32) if spread > 0 else 0.0
     return np.where(hole, smooth + noise, raw).astype(np.float32)
+
+
+def _check_option(value, name: str, key: str, form: str) -> None:
+    """``augment.<name>`` is ``{probability: P, <key>: <form>}`` with P in [0, 1] (default 1)."""
+    if not isinstance(value, dict) or set(value) - {"probability", key}:
+        raise InputError(f"augment.{name} must be {{probability: P, {key}: {form}}}, got {value!r}")
+    p = value.get("probability", 1.0)
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise InputError(f"augment.{name}.probability must be a number in [0, 1], got {p!r}")
 
 
 def _jitter_layout(layout: SliceLayout, augment: Augment, rng: np.random.Generator) -> SliceLayout:
@@ -332,37 +331,34 @@ class SliceDataset(Dataset):
         self._contrast = self._contrast_structures()
         self._remove = self._removal_concepts()
 
-    def _removal_concepts(self) -> set[str]:
-        """``augment.remove.concepts`` resolved to this dataset's concept names."""
-        if self.augment.remove is None:
-            return set()
-        names, problems = set(), []
-        for name in self.augment.remove["concepts"]:
+    def _labelled_concepts(self, names, option: str) -> list[str]:
+        """``names`` (dictionary names or synonyms) as this dataset's concept names; one error lists
+        every name the label maps cannot locate."""
+        resolved, problems = [], []
+        for name in names:
             concept = self.dictionary.lookup(name)
             if concept is None or concept.name not in self._values:
                 problems.append(f"{name!r} ({'not a concept of the prompt dictionary' if concept is None else 'no label of this dataset'})")
             else:
-                names.add(concept.name)
+                resolved.append(concept.name)
         if problems:
-            raise InputError("augment.remove.concepts names structures the label maps cannot locate: "
+            raise InputError(f"augment.{option} names structures the label maps cannot locate: "
                              + ", ".join(problems) + f"; labelled concepts: {', '.join(self._values)}")
-        return names
+        return resolved
+
+    def _removal_concepts(self) -> set[str]:
+        """``augment.remove.concepts`` resolved to this dataset's concept names."""
+        if self.augment.remove is None:
+            return set()
+        return set(self._labelled_concepts(self.augment.remove["concepts"], "remove.concepts"))
 
     def _contrast_structures(self) -> list[tuple[list[int], float, float]]:
         """``augment.contrast`` resolved: (label values, low, high) per listed concept of this dataset."""
         if self.augment.contrast is None:
             return []
-        structures, problems = [], []
-        for name, (low, high) in self.augment.contrast["offsets_hu"].items():
-            concept = self.dictionary.lookup(name)
-            if concept is None or concept.name not in self._values:
-                problems.append(f"{name!r} ({'not a concept of the prompt dictionary' if concept is None else 'no label of this dataset'})")
-                continue
-            structures.append((self._values[concept.name], float(low), float(high)))
-        if problems:
-            raise InputError("augment.contrast.offsets_hu names structures the label maps cannot locate: "
-                             + ", ".join(problems) + f"; labelled concepts: {', '.join(self._values)}")
-        return structures
+        offsets = self.augment.contrast["offsets_hu"]
+        names = self._labelled_concepts(offsets, "contrast.offsets_hu")
+        return [(self._values[name], float(low), float(high)) for name, (low, high) in zip(names, offsets.values())]
 
     def contrast_offsets(self, label_slice: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """HU offsets of one enhanced slice, ``(rows, cols)`` float32 on the label slice's grid."""
