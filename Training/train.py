@@ -237,7 +237,7 @@ def export_model(bundle: ModelBundle, folder: Path, config: dict, metrics: Optio
     bundle.tokenizer.save_pretrained(staging)
     keep = {k: v for k, v in bundle.preprocess.items()
             if k in ("window", "field_of_view_mm", "orientation", "body_mask", "empty_geometry_prompt",
-                     "mask_threshold", "largest_component")}
+                     "mask_threshold", "concept_mask_thresholds", "largest_component")}
     (staging / "medsam3_preprocessing.json").write_text(json.dumps(keep, indent=2) + "\n")
     (staging / "training.json").write_text(json.dumps({"config": config, "metrics": metrics or {}}, indent=2) + "\n")
     shutil.rmtree(folder, ignore_errors=True)

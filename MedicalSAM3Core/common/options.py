@@ -28,8 +28,9 @@ class SegmentOptions:
 
     mode: str = "propagate"
     score_threshold: float = 0.5
-    # mask probability above which a pixel belongs to an instance; None: the model's own
-    # (``mask_threshold`` of its medsam3_preprocessing.json, chosen on validation data), else SAM3's 0.5
+    # mask probability above which a pixel belongs to an instance, for every prompt; None: the model's
+    # own (``concept_mask_thresholds`` / ``mask_threshold`` of its medsam3_preprocessing.json, chosen on
+    # validation data), else SAM3's 0.5
     mask_threshold: Optional[float] = None
     instances: str = "best"  # "best": best instance per slice; "union": all instances above threshold
     window: str = "auto"  # CT preset name, or "auto" (modality + prompt anatomy)

@@ -64,6 +64,7 @@ class _TextEmbedding:
     input_ids: torch.Tensor  # (1, 32)
     attention_mask: torch.Tensor  # (1, 32)
     features: object  # BaseModelOutputWithPooling; .pooler_output (1, 32, D)
+    mask_threshold: float = 0.5  # the mask probability above which this prompt's pixels are drawn
 
     def for_batch(self, batch: int):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -140,8 +141,9 @@ class Segmenter:
         """
         options = options or SegmentOptions()
         options.validate()
-        options = replace(options, mask_threshold=self._mask_threshold(options))  # recorded in the sidecar
         resolved = self.dictionary.resolve_all(list(prompts))
+        thresholds = self.mask_thresholds(resolved, options)
+        options = replace(options, mask_threshold=self._mask_threshold(options))  # recorded in the sidecar
         warnings = [p.warning for p in resolved if p.warning]
         for message in warnings:
             log.warning(message)
@@ -164,7 +166,8 @@ class Segmenter:
         if uses_body_mask(self.model.preprocessing, modality):
             # the model's policy: arms and table become air, batch by batch as the loops read them
             view = BodyMaskedSlices(view, orientation.spacing(*pixel_spacing(volume.geometry.spacing, axis)))
-        texts = self.embed_text([p.model_text for p in resolved])
+        texts = [replace(text, mask_threshold=threshold)
+                 for text, threshold in zip(self.embed_text([p.model_text for p in resolved]), thresholds)]
 
         n_slices = view.shape[0]
         if mode == "slices":
@@ -182,7 +185,7 @@ class Segmenter:
             for track, anchor in tracks:
                 self._run_propagate(view, track, anchor, texts, options, accumulator, tracker)
 
-        return self._finish(volume, resolved, accumulator, axis, orientation, mode, options, groups, warnings)
+        return self._finish(volume, resolved, accumulator, axis, orientation, mode, options, groups, warnings, thresholds)
 
     def largest_component_flags(self, prompts: Sequence[ResolvedPrompt], options: SegmentOptions) -> list[bool]:
         """Per prompt: keep only its largest 3D component? The caller's choice (True / False for every
@@ -195,6 +198,20 @@ class Segmenter:
             concept = self.dictionary.lookup(name)
             chosen.add(concept.name if concept is not None else name.lower())
         return [p.concept is not None and p.concept.name in chosen for p in prompts]
+
+    def mask_thresholds(self, prompts: Sequence[ResolvedPrompt], options: SegmentOptions) -> list[float]:
+        """Per prompt, the mask probability above which its pixels are drawn: the caller's
+        ``mask_threshold`` for every prompt when given; else the model's own for that concept
+        (``concept_mask_thresholds`` of its medsam3_preprocessing.json, names or synonyms of the
+        prompt dictionary), else the model's ``mask_threshold``, else SAM3's 0.5."""
+        default = self._mask_threshold(options)
+        if options.mask_threshold is not None:
+            return [default] * len(prompts)
+        chosen = {}
+        for name, value in (self.model.preprocessing.get("concept_mask_thresholds") or {}).items():
+            concept = self.dictionary.lookup(name)
+            chosen[concept.name if concept is not None else name.lower()] = float(value)
+        return [chosen.get(p.concept.name, default) if p.concept is not None else default for p in prompts]
 
     def _mask_threshold(self, options: SegmentOptions) -> float:
         """The caller's mask threshold, else the model's own (its medsam3_preprocessing.json), else SAM3's 0.5."""
@@ -268,7 +285,7 @@ class Segmenter:
             with model.autocast():
                 outputs = model.detector(vision_embeds=vision, text_embeds=text_features, attention_mask=attention_mask)
             conf, score = instance_confidence(outputs, group.layout, options.score_threshold,
-                                              self._mask_threshold(options), options.instances)
+                                              texts[k].mask_threshold, options.instances)
             yield k, conf.cpu().numpy(), score.cpu().numpy()
 
     # -- propagate mode --------------------------------------------------------------------------
@@ -338,7 +355,8 @@ class Segmenter:
         def emit(output) -> None:
             if output.frame_idx == skip_frame:
                 return
-            self._accumulate_frame(output, session, prompt_of_id, group, options, accumulator, (rows, cols))
+            self._accumulate_frame(output, session, prompt_of_id, group, options, accumulator, (rows, cols),
+                                   [text.mask_threshold for text in texts])
 
         for frame_idx in order:
             tracker.check()
@@ -354,7 +372,7 @@ class Segmenter:
             emit(buffer.popleft())
 
     def _accumulate_frame(self, output, session, prompt_of_id: dict, group: _Group, options: SegmentOptions,
-                          accumulator: VolumeAccumulator, size: tuple[int, int]) -> None:
+                          accumulator: VolumeAccumulator, size: tuple[int, int], thresholds: list[float]) -> None:
         hidden = set(output.suppressed_obj_ids or ()) | set(session.hotstart_removed_obj_ids)
         n = len(group.prompt_indices)
         position = {k: j for j, k in enumerate(group.prompt_indices)}
@@ -364,13 +382,14 @@ class Segmenter:
         for obj_id, low_res in output.obj_id_to_mask.items():
             if obj_id in hidden or obj_id not in session.obj_id_to_prompt_id:
                 continue
-            j = position[prompt_of_id[session.obj_id_to_prompt_id[obj_id]]]
+            k = prompt_of_id[session.obj_id_to_prompt_id[obj_id]]
+            j = position[k]
             score = float(output.obj_id_to_score.get(obj_id, 0.0))
             if score <= options.score_threshold:
                 continue
             logits = group.layout.to_slice(low_res[None], fill=_NOTHING_LOGIT)[0, 0].cpu()
             probs = torch.sigmoid(logits)
-            claimed = probs > self._mask_threshold(options)
+            claimed = probs > thresholds[k]
             if not claimed.any():
                 continue
             obj_conf = torch.where(claimed, score * probs, torch.zeros(()))
@@ -386,7 +405,7 @@ class Segmenter:
     # -- result ----------------------------------------------------------------------------------
     def _finish(self, volume: Volume, prompts: list[ResolvedPrompt], accumulator: VolumeAccumulator, axis: int,
                 orientation: SliceOrientation, mode: str, options: SegmentOptions, groups: list[_Group],
-                warnings: list[str]) -> SegmentationResult:
+                warnings: list[str], thresholds: list[float]) -> SegmentationResult:
         # back from (s, rows, cols) as the model saw them to the input's (z, y, x) grid
         label_map = np.ascontiguousarray(np.moveaxis(orientation.restore(accumulator.label_map), 0, axis))
         if axis == 0 and orientation.identity:
@@ -421,6 +440,7 @@ class Segmenter:
         parameters["intensity"] = {prompts[k].name: g.spec.to_dict() for g in groups for k in g.prompt_indices}
         parameters["device"] = str(self.model.device)
         parameters["largest_component_applied"] = [p.name for p, flag in zip(prompts, largest) if flag]
+        parameters["mask_threshold_applied"] = {p.name: threshold for p, threshold in zip(prompts, thresholds)}
         return SegmentationResult(label_map=label_map, geometry=volume.geometry, labels=labels, packed_masks=packed,
                                   mode=mode, model_id=self.model.model_id, slice_axis=options.slice_axis,
                                   warnings=warnings, parameters=parameters)

@@ -25,6 +25,9 @@ image size (``config.json``), mean/std (``preprocessor_config.json``) and, in ou
                       transformers' text-only graph, for a model trained that way
 ``mask_threshold``    the mask probability (in (0, 1)) above which a pixel is drawn, chosen for this
                       model on validation data; used when the caller gives none (absent: SAM3's 0.5)
+``concept_mask_thresholds``  ``{concept name: mask threshold}`` for concepts drawn at another
+                      threshold than ``mask_threshold`` (chosen per concept on validation data);
+                      used when the caller gives no threshold (absent: none)
 ``largest_component`` concept names whose result keeps only its largest 3D connected component,
                       chosen per concept on validation data (as nnU-Net chooses its post-processing);
                       used when the caller does not decide (absent: none)
@@ -257,6 +260,12 @@ def check_preprocessing(data: dict, path) -> dict:
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                   or not 0.0 < threshold < 1.0):
         raise ModelLoadError(f"{path}: mask_threshold must be a number between 0 and 1, got {threshold!r}")
+    per_concept = data.get("concept_mask_thresholds")
+    if per_concept is not None and (not isinstance(per_concept, dict) or not all(
+            isinstance(name, str) and name.strip() and not isinstance(value, bool) and isinstance(value, (int, float))
+            and 0.0 < value < 1.0 for name, value in per_concept.items())):
+        raise ModelLoadError(f"{path}: concept_mask_thresholds must map concept names to numbers between 0 and 1, "
+                             f"got {per_concept!r}")
     largest = data.get("largest_component")
     if largest is not None and (not isinstance(largest, list)
                                 or not all(isinstance(name, str) and name.strip() for name in largest)):

@@ -204,7 +204,8 @@ def test_exported_model_segments_with_the_engine(toy_dataset, tmp_path):
     from safetensors import safe_open
 
     config = tiny_config(toy_dataset, tmp_path, steps=2, export_dtype="float16")
-    config["model"]["preprocessing"] = {"field_of_view_mm": 100.0, "mask_threshold": 0.3, "largest_component": ["liver"]}
+    config["model"]["preprocessing"] = {"field_of_view_mm": 100.0, "mask_threshold": 0.3, "largest_component": ["liver"],
+                                        "concept_mask_thresholds": {"spleen": 0.2}}
     trainer = Trainer(config)
     trainer.run()
     with safe_open(str(tmp_path / "model" / "model.safetensors"), "pt") as stored:
@@ -212,16 +213,17 @@ def test_exported_model_segments_with_the_engine(toy_dataset, tmp_path):
         assert stored.get_tensor(key).dtype == torch.float16
     model = load_model(str(tmp_path / "model"), device="cpu")
     assert model.preprocessing == {"field_of_view_mm": 100.0, "mask_threshold": 0.3, "largest_component": ["liver"],
-                                   "empty_geometry_prompt": True}
+                                   "concept_mask_thresholds": {"spleen": 0.2}, "empty_geometry_prompt": True}
     assert model.video is not None
     loaded = model.detector.dot_product_scoring.text_proj.weight
     assert loaded.dtype == torch.float32
     torch.testing.assert_close(loaded, trainer.detector.dot_product_scoring.text_proj.weight.detach().half().float())
     volume = read_volume(toy_dataset.parent / "case2.nii.gz")
-    result = Segmenter(model).segment(volume, ["liver"], SegmentOptions(mode="slices"))
+    result = Segmenter(model).segment(volume, ["liver", "spleen"], SegmentOptions(mode="slices"))
     assert result.shape == volume.shape and result.geometry == volume.geometry
     # the model's mask threshold is used when the caller gives none, and recorded; the caller's wins
     assert result.parameters["mask_threshold"] == 0.3 and result.parameters["largest_component_applied"] == ["Liver"]
+    assert result.parameters["mask_threshold_applied"] == {"Liver": 0.3, "Spleen": 0.2}
     chosen = Segmenter(model).segment(volume, ["liver"], SegmentOptions(mode="slices", mask_threshold=0.6))
     assert chosen.parameters["mask_threshold"] == 0.6
     config["model"]["preprocessing"] = {"mask_threshold": 1.5}  # a model that could not be loaded: refused

@@ -1,5 +1,7 @@
 """The engine is the transformers model (parity), encodes each slice once, keeps geometry."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -337,3 +339,47 @@ def test_largest_component_of_a_model_folder_is_validated(tiny_model_dir, tmp_pa
     (folder / "medsam3_preprocessing.json").write_text(json.dumps({"largest_component": "liver"}))
     with pytest.raises(ModelLoadError, match="largest_component must be a list of concept names"):
         load_model(str(folder), device="cpu")
+
+
+@pytest.mark.parametrize("mode", ["slices", "propagate"])
+def test_a_concepts_own_mask_threshold_draws_that_prompt_alone(segmenter, phantom, monkeypatch, mode):
+    """``concept_mask_thresholds`` (synonyms resolved) changes only its concept's mask, exactly as the
+    same threshold given for the whole run would; the caller's ``mask_threshold`` overrides it; the
+    result records what each prompt was drawn at."""
+    volume = Volume(phantom, modality="CT")
+    prompts = ["liver", "spleen"]
+
+    def masks(options):
+        result = segmenter.segment(volume, prompts, replace(options, mode=mode, **LOW))
+        return result, [result.mask(k) for k in range(len(prompts))]
+
+    default = segmenter.model.preprocessing.get("mask_threshold", 0.5)
+    _, plain = masks(SegmentOptions())
+    _, low = masks(SegmentOptions(mask_threshold=0.2))
+    assert low[0].sum() > plain[0].sum() > 0 and low[1].sum() > plain[1].sum() > 0  # thresholds tell apart
+    monkeypatch.setattr(segmenter.model, "preprocessing", {**segmenter.model.preprocessing,
+                                                           "concept_mask_thresholds": {"hepar": 0.2}})
+    assert segmenter.mask_thresholds(segmenter.dictionary.resolve_all(prompts + ["my structure"]), SegmentOptions()) \
+        == [0.2, default, default]
+    result, own = masks(SegmentOptions())
+    np.testing.assert_array_equal(own[0], low[0])  # liver drawn at its own 0.2
+    np.testing.assert_array_equal(own[1], plain[1])  # spleen at the model's default
+    assert result.parameters["mask_threshold_applied"] == {"Liver": 0.2, "Spleen": default}
+    chosen, overridden = masks(SegmentOptions(mask_threshold=0.5))
+    assert chosen.parameters["mask_threshold_applied"] == {"Liver": 0.5, "Spleen": 0.5}
+    _, half = masks(SegmentOptions(mask_threshold=0.5))
+    np.testing.assert_array_equal(overridden[0], half[0])
+
+
+def test_concept_mask_thresholds_of_a_model_folder_are_validated(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "medsam3_preprocessing.json").write_text(json.dumps({"concept_mask_thresholds": {"aorta": 0.15}}))
+    assert load_model(str(folder), device="cpu").preprocessing["concept_mask_thresholds"] == {"aorta": 0.15}
+    for bad in ({"aorta": 1.5}, {"aorta": True}, ["aorta"], {"": 0.2}):
+        (folder / "medsam3_preprocessing.json").write_text(json.dumps({"concept_mask_thresholds": bad}))
+        with pytest.raises(ModelLoadError, match="concept_mask_thresholds must map concept names to numbers"):
+            load_model(str(folder), device="cpu")
