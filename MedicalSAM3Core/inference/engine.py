@@ -193,10 +193,7 @@ class Segmenter:
         ``largest_component`` (names or synonyms of the prompt dictionary)."""
         if options.largest_component is not None:
             return [bool(options.largest_component)] * len(prompts)
-        chosen = set()
-        for name in self.model.preprocessing.get("largest_component") or ():
-            concept = self.dictionary.lookup(name)
-            chosen.add(concept.name if concept is not None else name.lower())
+        chosen = {self._concept_key(name) for name in self.model.preprocessing.get("largest_component") or ()}
         return [p.concept is not None and p.concept.name in chosen for p in prompts]
 
     def mask_thresholds(self, prompts: Sequence[ResolvedPrompt], options: SegmentOptions) -> list[float]:
@@ -207,11 +204,15 @@ class Segmenter:
         default = self._mask_threshold(options)
         if options.mask_threshold is not None:
             return [default] * len(prompts)
-        chosen = {}
-        for name, value in (self.model.preprocessing.get("concept_mask_thresholds") or {}).items():
-            concept = self.dictionary.lookup(name)
-            chosen[concept.name if concept is not None else name.lower()] = float(value)
+        chosen = {self._concept_key(name): float(value)
+                  for name, value in (self.model.preprocessing.get("concept_mask_thresholds") or {}).items()}
         return [chosen.get(p.concept.name, default) if p.concept is not None else default for p in prompts]
+
+    def _concept_key(self, name: str) -> str:
+        """A concept named in the model's medsam3_preprocessing.json (a name or synonym of the prompt
+        dictionary) as the canonical name a resolved prompt carries; unknown names lower-cased."""
+        concept = self.dictionary.lookup(name)
+        return concept.name if concept is not None else name.lower()
 
     def _mask_threshold(self, options: SegmentOptions) -> float:
         """The caller's mask threshold, else the model's own (its medsam3_preprocessing.json), else SAM3's 0.5."""
