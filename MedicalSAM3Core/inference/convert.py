@@ -560,10 +560,12 @@ def instantiate(converted: ConvertedCheckpoint) -> torch.nn.Module:
     """
     from transformers import Sam3Model, Sam3VideoModel
 
+    from .models import from_pretrained
+
     cls = Sam3VideoModel if converted.model_type == "sam3_video" else Sam3Model
     with tempfile.TemporaryDirectory() as folder:
         save_converted(converted, folder)
-        return cls.from_pretrained(folder, dtype=torch.float32).eval()
+        return from_pretrained(cls, folder, dtype=torch.float32).eval()
 
 
 # --------------------------------------------------------------------------------------------

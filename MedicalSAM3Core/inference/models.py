@@ -184,6 +184,20 @@ def _download_file(repo_id: str, filename: str) -> Path:
     return Path(_hub_errors(f"{repo_id}/{filename}", lambda: hf_hub_download(repo_id, filename)))
 
 
+def from_pretrained(cls, folder, **kwargs):
+    """``cls.from_pretrained(folder, **kwargs)`` for a transformers SAM3 class, with hub kernels off.
+
+    Every SAM3 model the project loads (inference, conversion, training) comes through here.
+    From transformers 5.25, ``from_pretrained`` "kernelizes" a model by default whenever the
+    ``kernels`` package is installed (transformers itself depends on it since 5.25): layers such as
+    GELU are swapped, on CUDA, for code downloaded from the Hugging Face hub while the model loads.
+    That needs network access a hospital machine does not have (and may stall on it), and would run
+    a network that computes differently from the one trained and tested here. The video model's own
+    hub kernel (mask NMS, hole filling) is replaced by :func:`.cv_ops.install_offline_cv_ops`.
+    """
+    return cls.from_pretrained(folder, use_kernels=False, **kwargs)
+
+
 def load_model(source: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load a model folder or hub id onto ``device`` for inference.
 
@@ -201,11 +215,11 @@ def load_model(source: str, device: str = "auto", dtype: str = "auto") -> Loaded
     torch_device = choose_device(device)
     try:
         if model_type == "sam3_video":
-            video = Sam3VideoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+            video = from_pretrained(Sam3VideoModel, model_dir, dtype=torch.float32).eval()
             detector = video.detector_model
         elif model_type == "sam3":
             video = None
-            detector = Sam3Model.from_pretrained(model_dir, dtype=torch.float32).eval()
+            detector = from_pretrained(Sam3Model, model_dir, dtype=torch.float32).eval()
         else:
             raise ModelLoadError(f"{model_dir}: model_type {model_type!r} is not SAM3 (need 'sam3' or 'sam3_video')")
         tokenizer = AutoTokenizer.from_pretrained(model_dir)

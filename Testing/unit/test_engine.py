@@ -174,21 +174,98 @@ def test_unknown_model_paths_and_ids_are_clear_errors(tmp_path):
         load_model("someone/not-cached-model")
 
 
-def test_video_postprocessing_runs_offline_without_the_kernels_package(tiny_model):
+def _refuse_network_and_hub_kernels(monkeypatch) -> list:
+    """No network and no hub kernels for the rest of a test, whether or not ``kernels`` is installed:
+    every socket connection, name lookup and ``kernels`` loader raises, and is recorded (transformers
+    catches a failing kernel load and carries on without it, so the raise alone would go unseen).
+    The hub is *not* declared offline (no ``HF_HUB_OFFLINE``, hub kernels left at their default),
+    as on a user's machine. Returns the list of what was attempted."""
+    import importlib.util
+    import socket
+
+    import huggingface_hub.constants
+    import transformers.modeling_utils
+    from transformers.integrations import hub_kernels
+    from transformers.models.sam3_video import modeling_sam3_video
+
+    attempts = []
+
+    def refuse(what):
+        def raise_(*args, **kwargs):
+            attempts.append(what)
+            raise RuntimeError(f"no network in this test: {what} was called")
+        return raise_
+
+    monkeypatch.setattr(socket.socket, "connect", refuse("socket.connect"))
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse("socket.connect_ex"))
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("socket.getaddrinfo"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    for module, name in [(hub_kernels, "get_kernel"), (hub_kernels, "get_kernel_hub"), (hub_kernels, "kernelize"),
+                         (hub_kernels, "_kernels_kernelize"), (hub_kernels, "lazy_load_kernel"),
+                         (transformers.modeling_utils, "kernelize"), (modeling_sam3_video, "get_kernel")]:
+        monkeypatch.setattr(module, name, refuse(f"{module.__name__}.{name}"), raising=False)
+    if importlib.util.find_spec("kernels") is not None:
+        import kernels
+
+        for name in ("get_kernel", "get_local_kernel", "load_kernel", "kernelize", "install_kernel"):
+            monkeypatch.setattr(kernels, name, refuse(f"kernels.{name}"), raising=False)
+    return attempts
+
+
+def test_propagate_postprocessing_runs_offline_on_the_projects_ops_with_or_without_kernels(tiny_model_dir, phantom,
+                                                                                          monkeypatch):
+    """transformers' SAM3 video model fetches its mask NMS and hole filling from the hub through the
+    ``kernels`` package (a dependency of transformers from 5.25), and from 5.25 ``from_pretrained``
+    also swaps layers for hub kernels by default. With the network gone and every kernel loader
+    raising, a model loaded as the product loads it must run ``propagate`` on the project's own
+    torch/scipy ops, never attempting the hub. Passes with ``kernels`` installed and without it."""
     from transformers.models.sam3_video import modeling_sam3_video as m
 
-    import importlib.util
-    assert importlib.util.find_spec("kernels") is None  # the hub-fetching path is not available here
+    from MedicalSAM3Core.inference import cv_ops
+    from MedicalSAM3Core.inference.engine import Segmenter
+
+    attempts = _refuse_network_and_hub_kernels(monkeypatch)
+    monkeypatch.setattr(m, "cv_utils_kernel", None)  # as in a new process: transformers has not tried the hub yet
+    calls, failures = {"generic_nms": 0, "cc_2d": 0}, []
+
+    def spy(name):
+        original = getattr(cv_ops.OfflineCvUtils, name)
+
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            try:
+                return original(*args, **kwargs)
+            except Exception as error:  # transformers would swallow it and skip the step
+                failures.append(f"{name}: {error!r}")
+                raise
+        return staticmethod(counted)
+
+    for name in calls:
+        monkeypatch.setattr(cv_ops.OfflineCvUtils, name, spy(name))
+
+    model = load_model(str(tiny_model_dir), device="cpu")
+    assert isinstance(m.cv_utils_kernel, cv_ops.OfflineCvUtils)
+    assert not getattr(model.video, "use_kernels", False)  # no layer was swapped for a hub kernel
+    # the two post-processing steps, run directly: a 1-pixel hole filled, a 1-pixel sprinkle removed,
+    # and of two duplicate masks the less confident suppressed
     scores = torch.zeros(1, 1, 12, 12) - 1.0
     scores[0, 0, 2:10, 2:10] = 1.0
-    scores[0, 0, 5, 5] = -1.0  # a 1-pixel hole
-    scores[0, 0, 0, 11] = 1.0  # a 1-pixel sprinkle
+    scores[0, 0, 5, 5] = -1.0
+    scores[0, 0, 0, 11] = 1.0
     filled = m.fill_holes_in_mask_scores(scores, max_area=4)
     assert filled[0, 0, 5, 5] > 0 and filled[0, 0, 0, 11] <= 0
     masks = torch.zeros(3, 8, 8)
-    masks[0, :4, :4] = masks[1, :4, :4] = masks[2, 4:, 4:] = 1.0  # 0 and 1 duplicate
+    masks[0, :4, :4] = masks[1, :4, :4] = masks[2, 4:, 4:] = 1.0
     keep = m.nms_masks(torch.tensor([0.9, 0.8, 0.7]), masks, prob_threshold=0.5, iou_threshold=0.5)
     assert keep.tolist() == [True, False, True]
+    direct = dict(calls)
+    # the product's path: propagate mode over a volume
+    result = Segmenter(model).segment(Volume(phantom, modality="CT"), ["liver"], SegmentOptions(mode="propagate", **LOW))
+    assert (result.label_map == 1).any()
+    assert calls["generic_nms"] > direct["generic_nms"] and calls["cc_2d"] > direct["cc_2d"], calls
+    assert failures == [] and attempts == []
 
 
 def test_tracking_starts_where_each_prompt_is_detected_most_confidently(segmenter, tiny_model, phantom):
