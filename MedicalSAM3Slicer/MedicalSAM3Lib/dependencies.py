@@ -9,8 +9,10 @@ Nothing is installed at import time: :func:`ensure` is called when the user pres
 "Install dependencies") and asks ``confirm`` first. The requirement strings match the engine's
 ``pyproject.toml`` (a test keeps them in step), and what pip installs is held to the versions the
 project's test suite passed with: ``requirements/constraints.txt``, which the extension ships next
-to the engine (:func:`constraints_path`). The packages Slicer itself ships (:data:`SLICER_BUNDLED`)
-are never replaced for them: Slicer's own modules were built and tested against its copies.
+to the engine (:func:`constraints_path`). The pins of packages Slicer itself ships
+(:data:`SLICER_BUNDLED`) are not passed to pip, so the lock never swaps Slicer's copies for the
+tested ones (Slicer's own modules were built and tested against its copies); pip still upgrades
+one where a new package needs a newer version (with the 2026-12-06 lock: typing_extensions, idna).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ TORCH = "torch>=2.4"
 #: What 3D Slicer installs into its own Python, as the ``SuperBuild/External_python-*.cmake`` files
 #: of Slicer's 5.10 and 5.12 branches list it (numpy, scipy, requests, the DICOM and extension-manager
 #: requirements and their dependencies), plus SimpleITK (built with Slicer): pinned versions of these
-#: are not passed to pip, so installing the engine never swaps Slicer's own copies.
+#: are not passed to pip, so the lock never swaps Slicer's own copies for the tested ones.
 SLICER_BUNDLED = frozenset({
     "certifi", "cffi", "chardet", "charset-normalizer", "couchdb", "cryptography", "dcmqi", "deprecated",
     "dicomweb-client", "gitdb", "gitpython", "highdicom", "idna", "numpy", "packaging", "pillow", "pip",
