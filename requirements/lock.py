@@ -26,17 +26,14 @@ import textwrap
 from importlib import metadata
 from pathlib import Path
 
+from packaging.utils import canonicalize_name as canonical
+
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT = REPO / "requirements" / "constraints.txt"
 EXTRAS = ("dev", "train", "convert")
 LOWEST_PYTHON = "3.11"  # transformers' newest releases need it; 3D Slicer 5.10 and 5.12 ship 3.12
 #: Left to the user's own build, with everything that only they pull in.
 TORCH_STACK = ("torch", "torchvision")
-
-
-def canonical(name: str) -> str:
-    """PEP 503 normalised project name."""
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def parse_compiled(text: str) -> list[tuple[str, str, set[str]]]:

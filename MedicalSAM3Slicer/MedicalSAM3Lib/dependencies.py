@@ -17,12 +17,13 @@ one where a new package needs a newer version (with the 2026-12-06 lock: typing_
 
 from __future__ import annotations
 
-import re
 import tempfile
 from importlib import metadata
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Callable, Optional, Sequence
+
+from packaging.utils import canonicalize_name as canonical  # ships with Slicer
 
 #: The engine's requirements that 3D Slicer's Python does not already satisfy (numpy, requests and
 #: SimpleITK ship with Slicer; torch is handled by :data:`TORCH`).
@@ -52,11 +53,6 @@ SLICER_BUNDLED = frozenset({
 })
 
 CONSTRAINTS = Path("requirements") / "constraints.txt"
-
-
-def canonical(name: str) -> str:
-    """PEP 503 normalised project name (``typing_extensions`` -> ``typing-extensions``)."""
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def constraints_path() -> Optional[Path]:
@@ -168,8 +164,7 @@ def ensure(backend: str, confirm: Callable[[list[str]], bool], pip_install: Call
                                + ". Install them (Apply asks again) or use a remote server.")
         return []
     installed = []
-    torch = [r for r in todo if r == TORCH]
-    if torch:
+    if TORCH in todo:
         if install_torch is None or not install_torch(TORCH[len("torch"):]):
             raise RuntimeError("PyTorch could not be installed: install the 'PyTorch' extension from the "
                                "Extensions Manager, restart Slicer and try again")
