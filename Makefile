@@ -45,9 +45,14 @@ test-latest:
 	MEDSAM3_UNLOCKED=1 $(LATEST_VENV)/bin/python -m pytest Testing
 
 # Re-resolve requirements/constraints.txt to the newest versions allowed (around the torch installed in
-# .venv); then `make test` installs and tests exactly those before the file is committed
+# .venv), and requirements/constraints-slicer-X.Y.txt (what the Slicer module installs into each supported
+# Slicer, around the packages requirements/slicer-bundled-X.Y.txt records); then `make test` installs and
+# tests exactly those before the files are committed. SLICER_GIT=<a clone of github.com/Slicer/Slicer>
+# first rewrites the slicer-bundled-X.Y.txt records from the heads of its release branches
+SLICER_GIT ?=
 lock: install
 	$(BIN)/pip install $(UV_SPEC)
+	$(if $(SLICER_GIT),$(BIN)/python requirements/slicer_bundled.py --slicer-git "$(SLICER_GIT)")
 	$(BIN)/python requirements/lock.py
 
 # The main job on the embedded default: the committed sample CT (Resources/sample) segmented with the

@@ -23,6 +23,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from .. import __version__
 from .errors import Cancelled, MedSAM3Error
 from .options import SegmentOptions
 from .progress import CancelToken, ProgressEvent
@@ -130,15 +131,17 @@ class Client:
         return self._check(self._request("GET", "/v1/health")).json()
 
     def info(self) -> dict:
-        """Server version, model id, device, GPU memory, queue and limits; checks the API version."""
+        """Server version, model id, device, GPU memory, queue and limits; checks that the server
+        speaks this client's API and wire versions (:class:`VersionMismatch`, one sentence saying
+        which side to update, before anything is uploaded)."""
         response = self._request("GET", "/v1/info")
         if response.status_code == 404:
-            raise VersionMismatch(f"{self.url} does not offer the /v1 API; is it a medsam3 server of another version?")
+            raise VersionMismatch(f"The server at {self.url} does not offer the Medical SAM3 /v1 API that this "
+                                  f"client (version {__version__}) speaks: check the address, or update the server "
+                                  f"to the same version.")
         info = self._check(response).json()
         if info.get("api_version") != API_VERSION or info.get("wire_version") != WIRE_VERSION:
-            raise VersionMismatch(
-                f"server speaks API {info.get('api_version')} / wire {info.get('wire_version')}, this client "
-                f"API {API_VERSION} / wire {WIRE_VERSION}; install matching versions (server {info.get('version')})")
+            raise VersionMismatch(version_mismatch_message(self.url, info))
         self._checked = True
         return info
 
@@ -227,6 +230,17 @@ class Client:
             raise ServerError(f"the server returned a result on another grid ({result.shape}) than the volume "
                               f"sent ({volume.shape}); refusing it")
         return result
+
+
+def version_mismatch_message(url: str, info: dict) -> str:
+    """One sentence for a server whose API or wire version differs from this client's: both
+    versions, and which side to update (the older one)."""
+    api, wire = info.get("api_version"), info.get("wire_version")
+    server = (api, wire) if isinstance(api, int) and isinstance(wire, int) else (0, 0)
+    older = "the server" if server < (API_VERSION, WIRE_VERSION) else "this client (the 3D Slicer extension)"
+    return (f"The Medical SAM3 server at {url} is version {info.get('version', 'unknown')} (API {api}, wire {wire}) "
+            f"and this client is version {__version__} (API {API_VERSION}, wire {WIRE_VERSION}); they cannot work "
+            f"together: update {older} so both are the same version.")
 
 
 def _sleep(seconds: float, cancel: Optional[CancelToken]) -> None:

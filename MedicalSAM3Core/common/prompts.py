@@ -37,14 +37,29 @@ def split_prompt_text(text: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Terminology:
-    """A coded concept (SNOMED CT by default), as Slicer's terminology selector stores it."""
+    """A coded concept (SNOMED CT by default), as Slicer's terminology selector stores it.
+
+    ``modifier`` qualifies a type or an anatomic region, as in Slicer's terminology contexts: a
+    laterality (SCT 7771000 "Left", SCT 24028007 "Right") is a modifier of the unlateralized
+    structure (Kidney + Left), not a separate type.
+    """
 
     code: str
     meaning: str
     scheme: str = "SCT"
+    modifier: Optional["Terminology"] = None
 
     def to_dict(self) -> dict:
-        return {"scheme": self.scheme, "code": self.code, "meaning": self.meaning}
+        data = {"scheme": self.scheme, "code": self.code, "meaning": self.meaning}
+        if self.modifier is not None:
+            data["modifier"] = self.modifier.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Terminology":
+        modifier = data.get("modifier")
+        return cls(data["code"], data["meaning"], data.get("scheme", "SCT"),
+                   cls.from_dict(modifier) if modifier else None)
 
 
 @dataclass(frozen=True)
@@ -58,6 +73,13 @@ class Concept:
     type: Terminology
     region: Optional[Terminology] = None
     ct_window: str = "soft_tissue"
+
+    def terminology(self) -> dict:
+        """``{"category", "type", "region"}`` as plain dicts (``type``/``region`` may hold a
+        ``modifier``): what a result's ``LabelInfo.terminology`` carries and
+        :func:`MedicalSAM3Core.common.terminology.terminology_string` reads."""
+        return {"category": self.category.to_dict(), "type": self.type.to_dict(),
+                "region": self.region.to_dict() if self.region else None}
 
 
 @dataclass(frozen=True)
@@ -108,8 +130,7 @@ class PromptDictionary:
     def load(cls, path: Optional[Path] = None) -> "PromptDictionary":
         path = Path(path) if path else resources_dir() / "prompts.json"
         data = json.loads(path.read_text(encoding="utf-8"))
-        categories = {key: Terminology(v["code"], v["meaning"], v.get("scheme", "SCT"))
-                      for key, v in data["categories"].items()}
+        categories = {key: Terminology.from_dict(v) for key, v in data["categories"].items()}
         concepts = []
         for entry in data["concepts"]:
             region = entry.get("region")
@@ -118,8 +139,8 @@ class PromptDictionary:
                 synonyms=tuple(entry.get("synonyms", ())),
                 color=tuple(int(c) for c in entry["color"]),  # type: ignore[arg-type]
                 category=categories[entry["category"]],
-                type=Terminology(entry["type"]["code"], entry["type"]["meaning"], entry["type"].get("scheme", "SCT")),
-                region=Terminology(region["code"], region["meaning"], region.get("scheme", "SCT")) if region else None,
+                type=Terminology.from_dict(entry["type"]),
+                region=Terminology.from_dict(region) if region else None,
                 ct_window=entry.get("ct_window", "soft_tissue"),
             ))
         return cls(concepts)

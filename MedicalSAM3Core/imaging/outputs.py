@@ -91,8 +91,11 @@ def write_result(result: SegmentationResult, paths: OutputPaths, volume: Optiona
 def seg_nrrd_image(result: SegmentationResult) -> sitk.Image:
     """The merged label map as a 3D Slicer segmentation (``.seg.nrrd``, one labelmap layer).
 
-    Slicer reads the ``Segment<N>_*`` fields written as NRRD key/value pairs; terminology uses
-    Slicer's ``category~type~modifier`` string with SNOMED CT codes from the prompt dictionary.
+    Slicer reads the ``Segment<N>_*`` fields written as NRRD key/value pairs; a known concept's
+    terminology is the ``TerminologyEntry`` tag, Slicer's serialized entry
+    (:func:`~MedicalSAM3Core.common.terminology.terminology_string`: SNOMED CT category, type,
+    laterality modifier and region from the prompt dictionary, in the "Medical SAM3" contexts that
+    ship in ``Resources/`` and that the Slicer module loads).
     """
     image = image_from_array(result.label_map, result.geometry)
     image.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")

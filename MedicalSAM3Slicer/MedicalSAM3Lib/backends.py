@@ -7,17 +7,24 @@ Two backends, one protocol (the inference server's HTTP job API, spoken by the t
   starts on first use and stops when Slicer closes (or crashes: the child stops when its standard
   input closes). It listens on 127.0.0.1 only, on a port the operating system picks, and needs a
   random per-session token, so other users of the same computer cannot use it. The child runs
-  Slicer's own Python (``PythonSlicer``) unless another interpreter with the engine is configured.
+  Slicer's own Python (``PythonSlicer``) unless another interpreter with the engine is configured;
+  a foreign interpreter starts from Slicer's *startup* environment (without Slicer's
+  ``PYTHONHOME``/``PYTHONPATH``), which the module passes as ``base_env``.
 * :class:`RemoteServer` — a GPU server: URL + access token. Nothing is contacted until the user
   has entered a server and agreed to send images to it (Slicer's extension catalog requires it).
 
-:class:`BackgroundTask` runs the blocking part of a job (starting the server, upload, GPU work,
-download) in a worker thread and is polled from the GUI thread (a ``QTimer`` in the widget), so
-the scene is only ever touched from the GUI thread. Nothing here imports Qt or torch.
+Waiting without freezing: 3D Slicer's main thread never releases Python's GIL (checked in Slicer
+5.10/5.12 and CTK: no ``PyEval_SaveThread`` around the Qt event loop), so a Python worker thread in
+Slicer runs only while the GUI thread runs Python or sleeps, and an upload or download there
+crawls. A job's blocking part (waiting for the engine, upload, polling, download) therefore runs in
+a child process, :mod:`MedicalSAM3Core.common.runner`, started by :class:`ProcessTask`; the GUI
+thread's ``QTimer`` only reads its small progress file, and the result once it is done. The scene is
+only ever touched from the GUI thread. Nothing here imports Qt or torch.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -29,16 +36,21 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 from urllib.parse import urlparse
 
+import numpy as np
+
 import MedicalSAM3Core
+from MedicalSAM3Core.common import client as client_module
+from MedicalSAM3Core.common import errors as errors_module
+from MedicalSAM3Core.common import runner
 from MedicalSAM3Core.common.client import Client, ServerError, is_loopback
 from MedicalSAM3Core.common.errors import Cancelled, InputError, MedSAM3Error
 from MedicalSAM3Core.common.options import SegmentOptions
 from MedicalSAM3Core.common.progress import CancelToken, ProgressEvent
-from MedicalSAM3Core.common.result import SegmentationResult
 from MedicalSAM3Core.common.volume import Volume
+from MedicalSAM3Core.common.wire import decode_result
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +65,38 @@ def engine_python() -> str:
     return shutil.which("PythonSlicer") or sys.executable
 
 
+def _engine_root() -> str:
+    """The folder that holds the ``MedicalSAM3Core`` package (put on a child's ``PYTHONPATH``)."""
+    return str(Path(MedicalSAM3Core.__file__).resolve().parents[1])
+
+
+def _child_env(base: Mapping[str, str], extra: Mapping[str, str]) -> dict:
+    env = {**base, **extra, "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_engine_root(), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+_NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0)  # no console window on Windows
+
+
 class LocalServer:
     """``medsam3 serve`` on 127.0.0.1 in a child process owned by this object.
 
     ``model``: folder or hub id ('' = the engine's default: ``$MEDSAM3_MODEL``, else the demo
     model). ``python``: interpreter with the engine's dependencies (default :func:`engine_python`).
+    ``base_env``: the environment the child starts from (default: this process's); inside Slicer,
+    Slicer's startup environment for an interpreter other than Slicer's own.
     The server's output goes to :attr:`log_path`; its last lines are quoted when it fails to start.
     """
 
     def __init__(self, model: str = "", device: str = "auto", python: Optional[str] = None,
-                 startup_timeout: float = 900.0, env: Optional[dict] = None) -> None:
+                 startup_timeout: float = 900.0, env: Optional[dict] = None,
+                 base_env: Optional[Mapping[str, str]] = None) -> None:
         self.model, self.device = model, device
         self.python = python or engine_python()
         self.startup_timeout = startup_timeout
         self._extra_env = dict(env or {})
+        self._base_env = dict(os.environ if base_env is None else base_env)
         self._token = secrets.token_urlsafe(32)
         self._process: Optional[subprocess.Popen] = None
         self._folder: Optional[Path] = None
@@ -86,38 +116,59 @@ class LocalServer:
     def log_path(self) -> Optional[Path]:
         return self._folder / "server.log" if self._folder else None
 
+    @property
+    def port_file(self) -> Optional[Path]:
+        return self._folder / "port" if self._folder else None
+
     def log_tail(self, lines: int = 15) -> str:
         path = self.log_path
         if path is None or not path.is_file():
             return ""
         return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
 
+    def launch(self) -> Path:
+        """Start the child unless it runs; returns its port file (written once it listens). Does not
+        wait: a :class:`ProcessTask` waits for the port file outside Slicer's GUI thread."""
+        with self._lock:
+            if not self.running:
+                self._spawn()
+            return self.port_file
+
+    def failure(self) -> Optional[BackendError]:
+        """Why the child is no longer running (with the last lines of its log), or None while it runs."""
+        if self.running or self._folder is None:
+            return None
+        tail = self.log_tail()
+        return BackendError("the local Medical SAM3 engine stopped" + (f":\n{tail}" if tail else "")
+                            + _install_hint(tail))
+
     def client(self, cancel: Optional[CancelToken] = None) -> Client:
-        """A client of the running server, starting it first if needed (blocks while the model loads)."""
+        """A client of the running server, starting it first if needed (blocks while the model loads:
+        for scripts and tests; the panel uses :func:`start_job`)."""
         with self._lock:
             if self.running and self._client is not None:
                 return self._client
-            self._start(cancel)
+            if not self.running:
+                self._spawn()
+            self._client = self._await_ready(cancel)
             return self._client
 
-    def _start(self, cancel: Optional[CancelToken]) -> None:
+    def _spawn(self) -> None:
         self._stop_locked()
         self._folder = Path(tempfile.mkdtemp(prefix="medsam3-local-"))
-        port_file = self._folder / "port"
-        engine_root = str(Path(MedicalSAM3Core.__file__).resolve().parents[1])
-        env = {**os.environ, **self._extra_env, "MEDSAM3_TOKEN": self._token, "PYTHONUNBUFFERED": "1"}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (engine_root, env.get("PYTHONPATH", "")) if p)
+        env = _child_env(self._base_env, {**self._extra_env, "MEDSAM3_TOKEN": self._token})
         command = [self.python, "-m", "MedicalSAM3Core", "serve", "--host", "127.0.0.1", "--port", "0",
-                   "--port-file", str(port_file), "--exit-on-stdin-eof", "--device", self.device]
+                   "--port-file", str(self.port_file), "--exit-on-stdin-eof", "--device", self.device]
         if self.model:
             command += ["--model", self.model]
         log.info("starting the local Medical SAM3 engine: %s", " ".join(command))
         with open(self.log_path, "wb") as output:
-            flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)  # no console window on Windows
             self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=output, stderr=subprocess.STDOUT,
-                                             env=env, creationflags=flags)
+                                             env=env, creationflags=_NO_WINDOW)
+
+    def _await_ready(self, cancel: Optional[CancelToken]) -> Client:
         deadline = time.monotonic() + self.startup_timeout
-        while not port_file.is_file():
+        while not self.port_file.is_file():
             if self._process.poll() is not None:
                 tail = self.log_tail()
                 self._stop_locked()
@@ -130,14 +181,18 @@ class LocalServer:
                 self._stop_locked()
                 raise BackendError(f"the local engine did not start within {self.startup_timeout:.0f} s")
             time.sleep(0.1)
-        port = int(port_file.read_text(encoding="utf-8").strip())
+        port = int(self.port_file.read_text(encoding="utf-8").strip())
         client = Client(f"http://127.0.0.1:{port}", token=self._token, timeout=120.0, poll_interval=0.25)
         try:
             client.wait_until_ready(timeout=60.0, cancel=cancel)
         except BaseException:  # a server that never answered is not kept for the next call
             self._stop_locked()
             raise
-        self._client = client
+        return client
+
+    def endpoint(self) -> tuple[dict, str]:
+        """What a :class:`ProcessTask` needs to reach this server (starting it), and the token."""
+        return {"server": {"port_file": str(self.launch()), "startup_timeout": self.startup_timeout}}, self._token
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the child (closing its stdin asks it to stop; killed if it does not within ``timeout``)."""
@@ -162,7 +217,8 @@ class LocalServer:
 def _install_hint(log_tail: str) -> str:
     if "No module named" in log_tail:
         return ("\n\nA Python package the engine needs is missing: use 'Install dependencies' in the module's "
-                "Compute section, or choose the remote backend.")
+                "Compute section (or, for another Python environment, install the engine there), or choose the "
+                "remote backend.")
     if "CUDA out of memory" in log_tail or "OutOfMemoryError" in log_tail:
         return "\n\nThe GPU ran out of memory: close other GPU programs or choose the device 'cpu'."
     return ""
@@ -178,7 +234,9 @@ class RemoteServer:
     consent: bool = False
     verify: bool | str = True  # a CA bundle path for a self-signed certificate
 
-    def client(self, cancel: Optional[CancelToken] = None) -> Client:
+    def checked_url(self) -> str:
+        """The server's URL (https when no scheme was typed); raises :class:`InputError` when there is
+        no address or no consent, so nothing is contacted then."""
         url = self.url.strip()
         if not url:
             raise InputError("enter the address of the Medical SAM3 server (e.g. https://gpu-box:8765) in the "
@@ -190,62 +248,169 @@ class RemoteServer:
         if parsed.scheme == "http" and not is_loopback(parsed.hostname or ""):
             log.warning("images and the token go to %s without encryption (http); use https outside a trusted "
                         "network", parsed.hostname)
+        return parsed.geturl()
+
+    def client(self, cancel: Optional[CancelToken] = None) -> Client:
         try:
-            return Client(parsed.geturl(), token=self.token.strip() or None, verify=self.verify)
+            return Client(self.checked_url(), token=self.token.strip() or None, verify=self.verify)
         except ServerError as error:
             raise InputError(str(error)) from None
 
+    def endpoint(self) -> tuple[dict, str]:
+        """What a :class:`ProcessTask` needs to reach this server, and the token."""
+        self.client()  # validates the address (a malformed URL is an input error, raised here)
+        return {"server": {"url": self.checked_url()}, "verify": self.verify}, self.token.strip()
 
-def segment_with(backend, volume: Volume, prompts: Sequence[str], options: SegmentOptions,
-                 progress: Optional[Callable[[ProgressEvent], None]] = None,
-                 cancel: Optional[CancelToken] = None) -> SegmentationResult:
-    """Segment on ``backend`` (a :class:`LocalServer` or :class:`RemoteServer`); blocking."""
-    if progress is not None:
-        progress(ProgressEvent(0, 0, "starting the engine" if isinstance(backend, LocalServer) else "connecting"))
-    client = backend.client(cancel)
-    if cancel is not None:
-        cancel.raise_if_cancelled()
-    return client.segment(volume, list(prompts), options, progress=progress, cancel=cancel)
+    def failure(self) -> Optional[BackendError]:
+        return None
 
 
-class BackgroundTask:
-    """Run ``work(progress, cancel)`` in a worker thread; poll it from the GUI thread.
+#: The errors a runner can report, by class name (anything else becomes a :class:`BackendError`).
+_ERRORS = {cls.__name__: cls for module in (errors_module, client_module) for cls in vars(module).values()
+           if isinstance(cls, type) and issubclass(cls, MedSAM3Error)}
 
-    The worker never touches the scene: the GUI thread reads :attr:`progress` while it runs and
-    takes :attr:`result` (or :attr:`error`) once :attr:`finished`.
+
+class ProcessTask:
+    """A job run by :mod:`MedicalSAM3Core.common.runner` in a child process, polled from the GUI thread.
+
+    Read :attr:`progress` and :attr:`finished` from a timer; once finished, :attr:`result` (a
+    :class:`~MedicalSAM3Core.common.result.SegmentationResult`, or the server's info dict) or
+    :attr:`error` is set. :meth:`cancel` closes the child's standard input: the child cancels the
+    server's job and exits (it is killed if it has not within ``cancel_grace`` seconds). The voxels
+    are written to the job folder when the task is created: a snapshot, so editing the volume while
+    it runs changes nothing. ``watch()`` is asked on every poll whether the backend failed (the local
+    engine stopping); its error then ends the task.
     """
 
-    def __init__(self, work: Callable[[Callable[[ProgressEvent], None], CancelToken], object]) -> None:
-        self._work = work
-        self.cancel_token = CancelToken()
-        self.progress: Optional[ProgressEvent] = None
+    def __init__(self, job: dict, token: str = "", volume: Optional[Volume] = None, python: Optional[str] = None,
+                 env: Optional[Mapping[str, str]] = None, watch: Optional[Callable[[], Optional[Exception]]] = None,
+                 cancel_grace: float = 15.0) -> None:
+        self._folder = Path(tempfile.mkdtemp(prefix="medsam3-job-"))
+        self._watch = watch
+        self._cancel_grace = cancel_grace
+        self._cancelled_at: Optional[float] = None
+        self._progress: Optional[ProgressEvent] = None
+        self._done = False
         self.result = None
         self.error: Optional[BaseException] = None
         self.started_at = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name="medsam3-task", daemon=True)
-        self._thread.start()
+        job = dict(job)
+        if volume is not None:
+            np.save(self._folder / runner.VOLUME, np.ascontiguousarray(volume.array), allow_pickle=False)
+            job.update(geometry=volume.geometry.to_dict(), modality=volume.modality, source=volume.source)
+        (self._folder / runner.JOB).write_text(json.dumps(job), encoding="utf-8")
+        child_env = _child_env(os.environ if env is None else env, {runner.TOKEN_VARIABLE: token or ""})
+        with open(self._folder / "runner.log", "wb") as output:
+            self._process = subprocess.Popen(
+                [python or engine_python(), "-m", "MedicalSAM3Core.common.runner", str(self._folder)],
+                stdin=subprocess.PIPE, stdout=output, stderr=subprocess.STDOUT, env=child_env,
+                creationflags=_NO_WINDOW)
 
-    def _run(self) -> None:
-        try:
-            self.result = self._work(self._report, self.cancel_token)
-        except BaseException as error:  # handed to the GUI thread, which shows it
-            self.error = error
-
-    def _report(self, event: ProgressEvent) -> None:
-        self.progress = event
+    @property
+    def progress(self) -> Optional[ProgressEvent]:
+        """The latest progress the child reported (None before the first)."""
+        if not self._done:
+            try:
+                data = json.loads((self._folder / runner.PROGRESS).read_text(encoding="utf-8"))
+                self._progress = ProgressEvent(int(data["done"]), int(data["total"]), str(data["stage"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # not written yet, or being replaced: keep the last one
+        return self._progress
 
     @property
     def finished(self) -> bool:
-        return not self._thread.is_alive()
+        if self._done:
+            return True
+        if self._process.poll() is None:
+            problem = self._watch() if self._watch is not None else None
+            overdue = self._cancelled_at is not None and time.monotonic() - self._cancelled_at > self._cancel_grace
+            if problem is None and not overdue:
+                return False
+            self._stop_child()
+            self._finish(Cancelled("cancelled") if overdue and problem is None else problem)
+            return True
+        self._finish(None)
+        return True
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancelled_at is not None
 
     @property
     def cancelled(self) -> bool:
         return isinstance(self.error, Cancelled)
 
     def cancel(self) -> None:
-        self.cancel_token.cancel()
+        """Ask the job to stop (the server's job is cancelled too); :attr:`finished` follows shortly."""
+        if self._cancelled_at is None:
+            self._cancelled_at = time.monotonic()
+            try:
+                self._process.stdin.close()
+            except OSError:
+                pass
 
     def wait(self, timeout: Optional[float] = None) -> bool:
-        """Block until finished (tests and the self-test; the GUI polls instead). True when finished."""
-        self._thread.join(timeout)
-        return self.finished
+        """Block until finished or ``timeout`` seconds passed (scripts and tests; the GUI polls). True when finished."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.finished:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            try:
+                self._process.wait(0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                pass
+        return True
+
+    def _stop_child(self) -> None:
+        try:
+            self._process.stdin.close()
+        except OSError:
+            pass
+        try:
+            self._process.wait(2)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait(5)
+
+    def _finish(self, problem: Optional[BaseException]) -> None:
+        folder = self._folder
+        try:
+            if problem is not None:
+                self.error = problem
+            elif (folder / runner.ERROR).is_file():
+                self.error = _runner_error(json.loads((folder / runner.ERROR).read_text(encoding="utf-8")))
+            elif (folder / runner.RESULT).is_file():
+                self.result = decode_result((folder / runner.RESULT).read_bytes())
+            elif (folder / runner.INFO).is_file():
+                self.result = json.loads((folder / runner.INFO).read_text(encoding="utf-8"))
+            elif self._cancelled_at is not None:
+                self.error = Cancelled("cancelled")
+            else:
+                output = (folder / "runner.log").read_text(encoding="utf-8", errors="replace")[-2000:]
+                self.error = BackendError(f"the Medical SAM3 job process ended with status {self._process.returncode}"
+                                          + (f":\n{output}" if output.strip() else ""))
+        except (OSError, ValueError, MedSAM3Error) as error:
+            self.error = BackendError(f"could not read the job's outcome: {error}")
+        finally:
+            self._done = True
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _runner_error(data: dict) -> BaseException:
+    kind, message = str(data.get("type", "")), str(data.get("message", ""))
+    if kind == "TimeoutError":
+        return BackendError(message)
+    cls = _ERRORS.get(kind, BackendError)
+    return cls(message)
+
+
+def start_job(backend, action: str, volume: Optional[Volume] = None, prompts: Sequence[str] = (),
+              options: Optional[SegmentOptions] = None, python: Optional[str] = None) -> ProcessTask:
+    """Start ``action`` ('segment' or 'info') on ``backend`` (a :class:`LocalServer` or
+    :class:`RemoteServer`) in a :class:`ProcessTask`; a local engine is started without waiting.
+    Raises :class:`InputError` before anything starts when the backend's settings are unusable."""
+    job, token = backend.endpoint()
+    job["action"] = action
+    if action == "segment":
+        job.update(prompts=list(prompts), options=(options or SegmentOptions()).to_dict())
+    return ProcessTask(job, token, volume if action == "segment" else None, python=python, watch=backend.failure)

@@ -10,15 +10,24 @@ Rules:
   matrix; segments are written on exactly that grid. A volume under a linear parent transform is
   segmented in its own (local) space and the segmentation node is put under the same transform,
   so both line up in the views; a non-linear (warping) transform is refused ("harden it first").
-* Segments the module writes carry the tag ``MedicalSAM3.prompt`` (the canonical concept). Running
-  a prompt again replaces only the segment with that tag; segments drawn by the user (no tag) are
-  never touched. The scene's undo state is saved first, so Slicer's Undo restores what was there.
+* Segments the module writes carry the tag ``MedicalSAM3.prompt`` (the canonical concept) and
+  ``MedicalSAM3.checksum``, a fingerprint of the segment's name and voxels as written. A rerun
+  replaces a segment only when it is the module's own *and unchanged since*: a segment the user
+  edited (painted, erased, renamed) after the module wrote it no longer matches its fingerprint
+  and is never overwritten; the rerun writes a new segment next to it ("Liver (new)"). Segments
+  drawn by the user (no tag) are never touched.
+* Restore previous: :func:`write_segments` returns a :class:`RunRecord` of what the run replaced
+  or added; :func:`restore_previous` puts the replaced segments back and removes the added ones,
+  again skipping any segment the user edited since. (Slicer's scene undo is not used: it is hidden
+  in Slicer's UI, and switched on it would copy the segmentation on every node change.)
 * ``keep_overlapping``: each prompt's own mask (before merging); otherwise the merged,
   non-overlapping label map (per voxel the most confident prompt).
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -30,7 +39,13 @@ from MedicalSAM3Core.common.terminology import terminology_string
 from MedicalSAM3Core.common.volume import Geometry, Volume
 
 PROMPT_TAG = "MedicalSAM3.prompt"
+CHECKSUM_TAG = "MedicalSAM3.checksum"
+CONFIDENCE_TAG = "MedicalSAM3.confidence"
 SEGMENT_ID_PREFIX = "MedicalSAM3_"
+#: A result is marked for checking in the panel's table when its mean detection score is below this
+#: or it was found on fewer than :data:`FEW_SLICES` slices (a stray detection rather than an organ).
+LOW_CONFIDENCE = 0.6
+FEW_SLICES = 3
 
 
 def _slicer():
@@ -40,13 +55,16 @@ def _slicer():
 
 
 def volume_from_node(volume_node) -> Volume:
-    """The engine's :class:`Volume` of a scalar volume node (voxels ``(z, y, x)``, LPS geometry)."""
+    """The engine's :class:`Volume` of a scalar volume node (voxels ``(z, y, x)``, LPS geometry).
+    The voxels are a copy: the user may go on editing the volume while a run uses them."""
     slicer = _slicer()
     import vtk
 
     if volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode") or volume_node.IsA(
             "vtkMRMLLabelMapVolumeNode"):
         raise InputError("select a scalar (CT or MR) volume to segment")
+    if volume_node.GetScene() is None:
+        raise InputError(f"volume {volume_node.GetName()!r} is no longer in the scene")
     if volume_node.GetImageData() is None:
         raise InputError(f"volume {volume_node.GetName()!r} has no voxels")
     transform = volume_node.GetParentTransformNode()
@@ -56,11 +74,10 @@ def volume_from_node(volume_node) -> Volume:
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
     ijk_to_ras = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-    array = slicer.util.arrayFromVolume(volume_node)
+    array = slicer.util.arrayFromVolume(volume_node)  # a view of the node's voxels (slicer.util's docs)
     if array.ndim != 3:
         raise InputError(f"volume {volume_node.GetName()!r} has {array.ndim} dimensions; a scalar 3D volume is needed")
-    modality = None
-    return Volume(np.asarray(array), Geometry.from_ijk_to_ras(ijk_to_ras), modality=modality,
+    return Volume(np.array(array, copy=True), Geometry.from_ijk_to_ras(ijk_to_ras), modality=None,
                   source=volume_node.GetName())
 
 
@@ -95,22 +112,172 @@ def segment_id_for(name: str) -> str:
     return SEGMENT_ID_PREFIX + normalize(name).replace(" ", "_")
 
 
+def _mask_on_grid(segmentation_node, segment_id: str, shape: tuple, ijk_to_ras: np.ndarray) -> np.ndarray:
+    """A segment's binary labelmap resampled onto the grid ``shape``/``ijk_to_ras``, ``(z, y, x)`` bool."""
+    slicer = _slicer()
+    from vtk.util import numpy_support
+
+    image = slicer.vtkOrientedImageData()
+    segmentation_node.GetBinaryLabelmapRepresentation(segment_id, image)
+    reference = _oriented_image(np.zeros(shape, np.uint8), ijk_to_ras)
+    resampled = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(image, reference, resampled)
+    scalars = resampled.GetPointData().GetScalars()
+    if scalars is None:
+        return np.zeros(shape, bool)
+    return numpy_support.vtk_to_numpy(scalars).reshape(shape) != 0  # this segment alone, as 0/1
+
+
+def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
+    """A segment's binary labelmap resampled onto ``volume_node``'s grid, ``(z, y, x)`` bool."""
+    volume = volume_from_node(volume_node)
+    return _mask_on_grid(segmentation_node, segment_id, volume.shape, volume.geometry.ijk_to_ras())
+
+
+def _fingerprint(name: str, mask: np.ndarray) -> str:
+    digest = hashlib.sha256(name.encode("utf-8"))
+    digest.update(str(mask.shape).encode("ascii"))
+    digest.update(np.packbits(mask, axis=None).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _current_fingerprint(segmentation_node, segment_id: str, shape, ijk_to_ras) -> str:
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    return _fingerprint(segment.GetName(), _mask_on_grid(segmentation_node, segment_id, shape, ijk_to_ras))
+
+
+def unchanged_since_written(segmentation_node, segment_id: str, shape, ijk_to_ras) -> bool:
+    """Whether ``segment_id`` is a segment this module wrote and nobody changed since (its name and
+    voxels still match the fingerprint written with it). A segment without the fingerprint (drawn
+    by the user, or written by an older version of the module) counts as the user's."""
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    if segment is None or segment_tag(segment, PROMPT_TAG) is None:
+        return False
+    written = segment_tag(segment, CHECKSUM_TAG)
+    return written is not None and written == _current_fingerprint(segmentation_node, segment_id, shape, ijk_to_ras)
+
+
+@dataclass
+class SegmentState:
+    """A segment as it was before a run replaced it (mask bit-packed on the volume grid)."""
+
+    name: str
+    color: tuple
+    tags: dict
+    terminology: Optional[str]
+    packed: np.ndarray
+    shape: tuple
+
+    @classmethod
+    def of(cls, segmentation_node, segment_id: str, shape, ijk_to_ras) -> "SegmentState":
+        segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+        tags = {key: segment_tag(segment, key) for key in (PROMPT_TAG, CHECKSUM_TAG, CONFIDENCE_TAG)}
+        mask = _mask_on_grid(segmentation_node, segment_id, shape, ijk_to_ras)
+        return cls(segment.GetName(), tuple(segment.GetColor()), {k: v for k, v in tags.items() if v is not None},
+                   segment.GetTerminology() or None, np.packbits(mask, axis=None), tuple(shape))
+
+    def mask(self) -> np.ndarray:
+        return np.unpackbits(self.packed, count=int(np.prod(self.shape))).reshape(self.shape).astype(bool)
+
+
+@dataclass
+class RunRecord:
+    """What one run did to one segmentation node, for :func:`restore_previous`: per segment id, the
+    fingerprint the run wrote and the segment's state before (None: the run added the segment)."""
+
+    segmentation_node_id: str
+    volume_node_id: str
+    written: dict = field(default_factory=dict)
+    previous: dict = field(default_factory=dict)
+
+
+@dataclass
+class ResultRow:
+    """One line of the panel's results table."""
+
+    segment_id: str
+    name: str
+    confidence: float
+    volume_ml: float
+    slices: int
+    found: bool
+
+    @property
+    def needs_check(self) -> bool:
+        return not self.found or self.confidence < LOW_CONFIDENCE or self.slices < FEW_SLICES
+
+
+@dataclass
+class WriteReport:
+    """What :func:`write_segments` did: the node, the record for Restore previous, one row per
+    prompt, and the user-edited segments that were kept (``{kept segment name: new segment name}``)."""
+
+    node: object
+    record: RunRecord
+    rows: list = field(default_factory=list)
+    kept_edited: dict = field(default_factory=dict)
+
+
+def _require_terminology_api(segment_class) -> None:
+    # vtkSegment.SetTerminology/GetTerminology arrived in Slicer 5.10 (Slicer#8296); the module
+    # supports 5.10 and newer, and checks this before it adds a node or a segment.
+    if not hasattr(segment_class, "SetTerminology"):
+        raise InputError("this 3D Slicer is too old for Medical SAM3: it needs Slicer 5.10 or newer")
+
+
+def _own_unchanged_segment(segmentation_node, name: str, shape, ijk_to_ras) -> Optional[str]:
+    segmentation = segmentation_node.GetSegmentation()
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(index)
+        if segment_tag(segmentation.GetSegment(segment_id), PROMPT_TAG) == name and unchanged_since_written(
+                segmentation_node, segment_id, shape, ijk_to_ras):
+            return segment_id
+    return None
+
+
+def _free_name(segmentation, name: str) -> str:
+    taken = {segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())}
+    if name not in taken:
+        return name
+    candidate, n = f"{name} (new)", 2
+    while candidate in taken:
+        candidate, n = f"{name} (new {n})", n + 1
+    return candidate
+
+
+def _set_segment(segmentation_node, segment_id, mask, name, color, tags, terminology, logic, ijk_to_ras) -> None:
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    segment.SetName(name)
+    segment.SetColor(*color)
+    for key, value in tags.items():
+        segment.SetTag(key, value)
+    if terminology:
+        segment.SetTerminology(terminology)
+    image = _oriented_image(mask.astype(np.uint8), ijk_to_ras)
+    if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE, image.GetExtent()):
+        raise RuntimeError(f"could not write segment {name!r}")
+
+
 def write_segments(result: SegmentationResult, volume_node, segmentation_node=None, keep_overlapping: bool = False,
-                   segmentations_logic=None):
+                   segmentations_logic=None) -> WriteReport:
     """Write one segment per prompt of ``result`` into ``segmentation_node`` (created if None).
 
-    Only segments this module wrote for the same concept are replaced; the scene's undo state is
-    saved first. Returns the segmentation node.
+    A prompt's segment replaces the module's own unchanged segment of the same concept; otherwise it
+    is added (next to a segment the user edited, which stays as it is). Returns a :class:`WriteReport`.
     """
     slicer = _slicer()
+    _require_terminology_api(slicer.vtkSegment)
     volume = volume_from_node(volume_node)
     if result.shape != volume.shape or not np.allclose(result.geometry.ijk_to_lps(), volume.geometry.ijk_to_lps(),
                                                        atol=1e-4):
         raise InputError("the segmentation result is not on this volume's grid; run it again on this volume")
+    if segmentation_node is not None and segmentation_node.GetScene() is None:
+        segmentation_node = None  # removed from the scene while the run went on: write to a new one
     logic = segmentations_logic or slicer.modules.segmentations.logic()
+    ijk_to_ras = volume.geometry.ijk_to_ras()
+    masks = [result.mask(index) if keep_overlapping and result.packed_masks else result.label_map == label.value
+             for index, label in enumerate(result.labels)]
     scene = volume_node.GetScene()
-    if scene.GetUndoFlag():
-        scene.SaveStateForUndo()
     if segmentation_node is None:
         segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} Medical SAM3")
         segmentation_node.CreateDefaultDisplayNodes()
@@ -118,29 +285,85 @@ def write_segments(result: SegmentationResult, volume_node, segmentation_node=No
     transform = volume_node.GetParentTransformNode()
     segmentation_node.SetAndObserveTransformNodeID(transform.GetID() if transform is not None else None)
     segmentation = segmentation_node.GetSegmentation()
+    report = WriteReport(segmentation_node, RunRecord(segmentation_node.GetID(), volume_node.GetID()))
+    for label, mask in zip(result.labels, masks):
+        segment_id = _own_unchanged_segment(segmentation_node, label.name, volume.shape, ijk_to_ras)
+        color = tuple(c / 255.0 for c in label.color)
+        if segment_id is not None:
+            report.record.previous[segment_id] = SegmentState.of(segmentation_node, segment_id, volume.shape,
+                                                                 ijk_to_ras)
+            name = segmentation.GetSegment(segment_id).GetName()  # "Liver", or "Liver (new)" next to an edited one
+        else:
+            wanted = segment_id_for(label.name)
+            segment_id = wanted if segmentation.GetSegment(wanted) is None else segmentation.GenerateUniqueSegmentID(
+                wanted)
+            name = _free_name(segmentation, label.name)
+            if name != label.name:
+                report.kept_edited[label.name] = name
+            segment_id = segmentation.AddEmptySegment(segment_id, name, color)
+            report.record.previous[segment_id] = None
+        fingerprint = _fingerprint(name, mask)
+        tags = {PROMPT_TAG: label.name, CONFIDENCE_TAG: f"{label.confidence:.3f}", CHECKSUM_TAG: fingerprint}
+        terminology = terminology_string(label.terminology) if label.terminology else None
+        _set_segment(segmentation_node, segment_id, mask, name, color, tags, terminology, logic, ijk_to_ras)
+        report.record.written[segment_id] = fingerprint
+        report.rows.append(ResultRow(segment_id, name, float(label.confidence),
+                                     float(mask.sum()) * volume.voxel_volume_ml,
+                                     int(np.count_nonzero(mask.any(axis=(1, 2)))), bool(mask.any())))
+    return report
+
+
+@dataclass
+class RestoreReport:
+    restored: list = field(default_factory=list)
+    removed: list = field(default_factory=list)
+    kept_edited: list = field(default_factory=list)
+
+
+def restore_previous(record: RunRecord, scene, segmentations_logic=None) -> RestoreReport:
+    """Undo the run ``record`` describes: segments it replaced get their previous name, color, tags and
+    voxels back; segments it added are removed. A segment the user changed after that run (or
+    removed) is left as it is and reported in ``kept_edited``."""
+    slicer = _slicer()
+    segmentation_node = scene.GetNodeByID(record.segmentation_node_id)
+    volume_node = scene.GetNodeByID(record.volume_node_id)
+    if segmentation_node is None or volume_node is None:
+        raise InputError("the segmentation or the volume of that run is no longer in the scene")
+    logic = segmentations_logic or slicer.modules.segmentations.logic()
+    volume = volume_from_node(volume_node)
     ijk_to_ras = volume.geometry.ijk_to_ras()
-    for index, label in enumerate(result.labels):
-        mask = result.mask(index) if keep_overlapping and result.packed_masks else result.label_map == label.value
-        segment_id = segment_id_for(label.name)
-        existing = segmentation.GetSegment(segment_id)
-        if existing is not None and segment_tag(existing, PROMPT_TAG) is None:
-            segment_id = segmentation.GenerateUniqueSegmentID(segment_id)  # someone else's: leave it alone
-            existing = None
-        if existing is None:
-            color = tuple(c / 255.0 for c in label.color)
-            segment_id = segmentation.AddEmptySegment(segment_id, label.name, color)
+    segmentation = segmentation_node.GetSegmentation()
+    report = RestoreReport()
+    for segment_id, fingerprint in record.written.items():
         segment = segmentation.GetSegment(segment_id)
-        segment.SetName(label.name)
-        segment.SetColor(*(c / 255.0 for c in label.color))
-        segment.SetTag(PROMPT_TAG, label.name)
-        segment.SetTag("MedicalSAM3.confidence", f"{label.confidence:.3f}")
-        if label.terminology:
-            segment.SetTerminology(terminology_string(label.terminology))
-        image = _oriented_image(mask.astype(np.uint8), ijk_to_ras)
-        if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id,
-                                                logic.MODE_REPLACE, image.GetExtent()):
-            raise RuntimeError(f"could not write segment {label.name!r}")
-    return segmentation_node
+        if segment is None:
+            continue
+        if _current_fingerprint(segmentation_node, segment_id, volume.shape, ijk_to_ras) != fingerprint:
+            report.kept_edited.append(segment.GetName())
+            continue
+        previous = record.previous.get(segment_id)
+        if previous is None:
+            report.removed.append(segment.GetName())
+            segmentation.RemoveSegment(segment_id)
+            continue
+        if previous.shape != volume.shape:
+            report.kept_edited.append(segment.GetName())
+            continue
+        _set_segment(segmentation_node, segment_id, previous.mask(), previous.name, previous.color, previous.tags,
+                     previous.terminology, logic, ijk_to_ras)
+        report.restored.append(previous.name)
+    return report
+
+
+def segment_center_ras(segmentation_node, segment_id: str) -> Optional[tuple]:
+    """The world (RAS) position of a segment's center, parent transform included
+    (``vtkMRMLSegmentationNode::GetSegmentCenterRAS``, Slicer 5.10 and 5.12); None when the segment is
+    missing or empty."""
+    segmentation = segmentation_node.GetSegmentation()
+    if segmentation.GetSegment(segment_id) is None:
+        return None
+    center = segmentation_node.GetSegmentCenterRAS(segment_id)
+    return None if center is None else tuple(float(c) for c in center)
 
 
 def _checked_prompts(prompts: list[str]) -> list[str]:
@@ -150,32 +373,34 @@ def _checked_prompts(prompts: list[str]) -> list[str]:
 
 
 def start_segmentation(volume_node, prompts: list[str], options, backend):
-    """Start segmenting ``volume_node`` on ``backend`` (a :mod:`.backends` backend) in a worker thread.
+    """Start segmenting ``volume_node`` on ``backend`` (a :mod:`.backends` backend) in a job process.
 
     The voxels are copied out of the scene here, on the calling (GUI) thread; the returned
-    :class:`~.backends.BackgroundTask` never touches the scene. Bad input raises before anything starts.
+    :class:`~.backends.ProcessTask` never touches the scene. Bad input raises before anything starts.
     """
-    from .backends import BackgroundTask, segment_with
+    from .backends import start_job
 
     prompts = _checked_prompts(prompts)
     options.validate()
     volume = volume_from_node(volume_node)
-    return BackgroundTask(lambda progress, cancel: segment_with(backend, volume, prompts, options, progress, cancel))
+    return start_job(backend, "segment", volume, prompts, options)
 
 
 def finish_segmentation(task, volume_node, segmentation_node=None, keep_overlapping: bool = False,
-                        segmentations_logic=None):
+                        segmentations_logic=None) -> WriteReport:
     """Write a finished task's result as segments (on the GUI thread). A task that failed or was
     cancelled raises its error and leaves the scene exactly as it was."""
     if not task.finished:
         raise RuntimeError("the segmentation is still running")
     if task.error is not None:
         raise task.error
+    if volume_node is None or volume_node.GetScene() is None:
+        raise InputError("the volume was removed from the scene while it was being segmented; nothing was written")
     return write_segments(task.result, volume_node, segmentation_node, keep_overlapping, segmentations_logic)
 
 
 def segment_volume(volume_node, prompts: list[str], run: Callable[[Volume, list[str]], SegmentationResult],
-                   segmentation_node=None, keep_overlapping: bool = False, segmentations_logic=None):
+                   segmentation_node=None, keep_overlapping: bool = False, segmentations_logic=None) -> WriteReport:
     """Segment ``volume_node`` with ``run`` (the engine, local or remote) and write the segments.
 
     Nothing in the scene changes unless ``run`` returns a result (a cancel or an error raised by
@@ -184,25 +409,3 @@ def segment_volume(volume_node, prompts: list[str], run: Callable[[Volume, list[
     volume = volume_from_node(volume_node)
     result = run(volume, _checked_prompts(prompts))
     return write_segments(result, volume_node, segmentation_node, keep_overlapping, segmentations_logic)
-
-
-def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
-    """A segment's binary labelmap resampled onto ``volume_node``'s grid, ``(z, y, x)`` bool (for tests
-    and for the module's statistics)."""
-    slicer = _slicer()
-    from vtk.util import numpy_support
-
-    image = slicer.vtkOrientedImageData()
-    segmentation_node.GetBinaryLabelmapRepresentation(segment_id, image)
-    reference = slicer.vtkOrientedImageData()
-    reference_geometry = slicer.vtkSegmentationConverter.SerializeImageGeometry(_oriented_image(
-        np.zeros(slicer.util.arrayFromVolume(volume_node).shape, np.uint8),
-        volume_from_node(volume_node).geometry.ijk_to_ras()))
-    slicer.vtkSegmentationConverter.DeserializeImageGeometry(reference_geometry, reference)
-    resampled = slicer.vtkOrientedImageData()
-    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(image, reference, resampled)
-    z, y, x = slicer.util.arrayFromVolume(volume_node).shape
-    scalars = resampled.GetPointData().GetScalars()
-    if scalars is None:
-        return np.zeros((z, y, x), bool)
-    return numpy_support.vtk_to_numpy(scalars).reshape(z, y, x) != 0  # this segment alone, as 0/1

@@ -1,12 +1,15 @@
 """The module's compute path as Slicer runs it: a real local engine process (``medsam3 serve`` started by
-:class:`LocalServer`), the torch-free client, a background task polled like the panel's timer, and
-the segments written into a real MRML scene (slicer-core)."""
+:class:`LocalServer`), the torch-free client in a job process (:class:`ProcessTask`, polled like the
+panel's timer), and the segments written into a real MRML scene (slicer-core)."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +17,13 @@ import pytest
 import slicer
 import slicer.util
 
+import MedicalSAM3Core
 from MedicalSAM3Core.common.client import AuthError, Client
 from MedicalSAM3Core.common.errors import Cancelled, InputError
 from MedicalSAM3Core.common.options import SegmentOptions
+from MedicalSAM3Core.common.volume import Volume
 from MedicalSAM3Core.inference.engine import Segmenter
-from MedicalSAM3Lib.backends import BackendError, BackgroundTask, LocalServer, RemoteServer
+from MedicalSAM3Lib.backends import BackendError, LocalServer, ProcessTask, RemoteServer, start_job
 from MedicalSAM3Lib.scene import finish_segmentation, segment_mask, start_segmentation, volume_from_node
 from phantoms import make_phantom
 
@@ -34,7 +39,7 @@ def local_server(tiny_model_dir):
     server.stop()
 
 
-def _poll(task: BackgroundTask, timeout: float = 120.0) -> list:
+def _poll(task: ProcessTask, timeout: float = 120.0) -> list:
     """What the panel's QTimer does: read progress until the task ends."""
     seen, deadline = [], time.monotonic() + timeout
     while True:
@@ -53,7 +58,7 @@ def test_local_engine_segments_into_the_scene_like_the_engine_itself(scene, loca
     events = _poll(task)
     assert task.error is None, task.error
     assert events and events[0].stage == "starting the engine" and events[-1].done == events[-1].total > 0
-    node = finish_segmentation(task, volume_node, segmentations_logic=scene.segmentations)
+    node = finish_segmentation(task, volume_node, segmentations_logic=scene.segmentations).node
     expected = Segmenter(tiny_model).segment(volume_from_node(volume_node), ["liver", "spleen"], OPTIONS)
     assert any(label.voxel_count for label in expected.labels)
     for label in expected.labels:
@@ -103,11 +108,13 @@ def test_bad_input_is_refused_before_anything_starts(scene, local_server):
 
 def test_an_engine_that_cannot_start_says_why(tmp_path):
     broken = LocalServer(model=str(tmp_path / "no_such_model"), device="cpu", python=sys.executable, startup_timeout=120)
-    task = BackgroundTask(lambda progress, cancel: broken.client(cancel))
+    task = start_job(broken, "info")
     _poll(task)
     assert isinstance(task.error, BackendError)
-    assert "no_such_model" in str(task.error) and "stopped while starting" in str(task.error)
+    assert "no_such_model" in str(task.error) and "engine stopped" in str(task.error)
     assert not broken.running
+    with pytest.raises(BackendError, match="stopped while starting"):  # the blocking path says the same
+        broken.client()
 
 
 def test_the_engine_stops_when_slicer_goes_away(tiny_model_dir):
@@ -136,7 +143,7 @@ def test_remote_backend_through_a_real_server(scene, local_server):
     volume_node = slicer.util.addVolumeFromArray(make_phantom(), name="ct")
     task = start_segmentation(volume_node, ["liver"], OPTIONS, remote)
     _poll(task)
-    node = finish_segmentation(task, volume_node, segmentations_logic=scene.segmentations)
+    node = finish_segmentation(task, volume_node, segmentations_logic=scene.segmentations).node
     assert node.GetSegmentation().GetSegment("MedicalSAM3_liver") is not None
 
 
@@ -157,3 +164,113 @@ def test_server_cli_writes_its_port_and_exits_with_its_parent(tiny_model_dir, tm
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def _round_trip(scene, server, volume_node, busy: bool) -> float:
+    """Apply -> segments in the scene, with the panel's timer (200 ms) on a simulated Slicer main thread."""
+    from slicer_main_loop import MainLoop
+
+    started = time.perf_counter()
+    task = start_segmentation(volume_node, ["liver", "spleen"], OPTIONS, server)
+    MainLoop(tick=0.2, busy=busy).run_until(lambda: task.finished, lambda: task.progress, timeout=600)
+    finish_segmentation(task, volume_node, segmentations_logic=scene.segmentations)
+    return time.perf_counter() - started
+
+
+def test_runs_are_not_starved_by_a_main_thread_that_keeps_the_gil(scene, local_server):
+    """Slicer's main thread never releases the GIL (see Testing/slicer_main_loop.py). A 512 x 512 x 100
+    volume's whole round trip through the local backend (voxels out of the scene, engine, segments
+    written) may take at most 1.5x as long on such a thread as on an idle one."""
+    from slicer_main_loop import starvation
+
+    assert starvation() < 0.1, "the harness does not hold the GIL as Slicer's main thread does"
+    rng = np.random.default_rng(0)
+    array = rng.normal(40, 200, (100, 512, 512)).astype(np.int16)
+    volume_node = slicer.util.addVolumeFromArray(array, ijkToRAS=np.diag([0.7, 0.7, 2.0, 1.0]), name="big")
+    _round_trip(scene, local_server, volume_node, busy=False)  # warm-up: the engine loads the model lazily
+    idle = min(_round_trip(scene, local_server, volume_node, busy=False) for _ in range(2))
+    busy = _round_trip(scene, local_server, volume_node, busy=True)
+    print(f"round trip: idle main thread {idle:.2f} s, GIL-holding main thread {busy:.2f} s ({busy / idle:.2f}x)")
+    assert busy <= 1.5 * idle, f"{busy:.2f} s with a busy main thread vs {idle:.2f} s idle ({busy / idle:.2f}x)"
+
+
+def _running_server():
+    """The server tests' harness (a real uvicorn server in a thread)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
+    from harness import running_server
+
+    return running_server
+
+
+@pytest.mark.parametrize("api_delta, update", [(+1, "this client"), (-1, "the server")])
+def test_a_server_of_another_version_says_so_in_one_sentence_before_any_upload(scene, api_delta, update):
+    """A newer panel talking to an older server, or the reverse: one sentence naming both versions
+    and the side to update, at Test connection and before upload (not a 4xx/5xx)."""
+    from MedicalSAM3Core import __version__
+    from MedicalSAM3Core.common.client import API_VERSION, VersionMismatch
+    from MedicalSAM3Core.serving.app import ServerConfig
+
+    calls = []
+
+    def run(request, progress, cancel):
+        calls.append(request)
+        raise AssertionError("nothing may be uploaded to a server of another version")
+
+    running_server = _running_server()
+    with running_server(run, ServerConfig(), info={"api_version": API_VERSION + api_delta, "version": "7.0.0"}) as (url, _):
+        remote = RemoteServer(url, consent=True)
+        connection = start_job(remote, "info")  # what Test connection runs
+        _poll(connection)
+        volume_node = slicer.util.addVolumeFromArray(make_phantom(), name="ct")
+        upload = start_segmentation(volume_node, ["liver"], OPTIONS, remote)  # what Apply runs
+        _poll(upload)
+    for task in (connection, upload):
+        assert isinstance(task.error, VersionMismatch), task.error
+        message = str(task.error)
+        assert message.count(". ") == 0 and message.endswith(".")  # one sentence
+        assert "7.0.0" in message and __version__ in message and f"update {update}" in message
+    assert calls == []
+
+
+def test_the_engine_of_another_python_starts_without_slicers_python_environment(tmp_path, monkeypatch):
+    """Slicer sets PYTHONHOME/PYTHONPATH for its own Python; a foreign interpreter must not inherit them:
+    it starts from the environment given as ``base_env`` (Slicer's startup environment)."""
+    dump = tmp_path / "env.json"
+    fake_python = tmp_path / "python"
+    fake_python.write_text(f"#!{sys.executable}\nimport json, os\njson.dump(dict(os.environ), open({str(dump)!r}, 'w'))\n")
+    fake_python.chmod(0o755)
+    monkeypatch.setenv("PYTHONHOME", "/opt/Slicer/lib/Python")
+    monkeypatch.setenv("PYTHONNOUSERSITE", "1")
+    startup = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": "/home/me/lib"}
+    server = LocalServer(python=str(fake_python), base_env=startup, startup_timeout=30)
+    server.launch()
+    deadline = time.monotonic() + 30
+    while server.running or not dump.is_file():
+        assert time.monotonic() < deadline, "the fake interpreter did not run"
+        time.sleep(0.05)
+    env = json.loads(dump.read_text())
+    assert "PYTHONHOME" not in env and "PYTHONNOUSERSITE" not in env
+    engine_root = str(Path(MedicalSAM3Core.__file__).resolve().parents[1])
+    assert env["PYTHONPATH"].split(os.pathsep) == [engine_root, "/home/me/lib"] and env["HOME"] == str(tmp_path)
+    assert isinstance(server.failure(), BackendError)  # it stopped: the panel would say so
+    server.stop()
+
+
+def test_the_volume_is_a_snapshot_and_a_removed_volume_gets_nothing_written(scene, local_server, tiny_model):
+    phantom = make_phantom()
+    volume_node = slicer.util.addVolumeFromArray(phantom.copy(), name="ct")
+    task = start_segmentation(volume_node, ["liver"], OPTIONS, local_server)
+    slicer.util.arrayFromVolume(volume_node)[:] = 0  # the user edits the volume while the run goes on
+    slicer.util.arrayFromVolumeModified(volume_node)
+    _poll(task)
+    expected = Segmenter(tiny_model).segment(
+        Volume(phantom, volume_from_node(volume_node).geometry), ["liver"], OPTIONS)
+    np.testing.assert_array_equal(task.result.label_map, expected.label_map)
+
+    task = start_segmentation(volume_node, ["liver"], OPTIONS, local_server)
+    _poll(task)
+    nodes = scene.mrml.GetNumberOfNodes()
+    scene.mrml.RemoveNode(volume_node)  # e.g. the scene was closed while the run went on
+    with pytest.raises(InputError, match="removed"):
+        finish_segmentation(task, volume_node, segmentations_logic=scene.segmentations)
+    assert scene.mrml.GetNumberOfNodes() == nodes - 1

@@ -129,28 +129,6 @@ def test_module_file_follows_slicers_template():
         "the module must import nothing heavy when Slicer starts"
 
 
-def test_local_requirements_match_the_engines():
-    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    engine = {re.split(r"\s*#", r)[0].strip() for r in project}
-    bundled_with_slicer = {"numpy", "requests", "SimpleITK", "pyyaml", "torch"}  # pyyaml: training only
-    expected = {r for r in engine if re.match(r"[\w.-]+", r).group(0) not in bundled_with_slicer}
-    assert set(dependencies.LOCAL_REQUIREMENTS) == expected
-    assert dependencies.TORCH in engine
-    # ... and the module installs them at the versions the suite runs with: the same constraints file
-    assert dependencies.constraints_path() == REPO / "requirements" / "constraints.txt"
-    pins = dependencies.tested_versions(dependencies.constraints_path())
-    for requirement in dependencies.LOCAL_REQUIREMENTS:
-        written = re.match(r"[\w.-]+", requirement).group(0)
-        name = dependencies.canonical(written)
-        assert name in pins, f"{requirement} has no tested version in requirements/constraints.txt: run `make lock`"
-        assert dependencies.satisfied(requirement, pins[name]), (requirement, pins[name])
-        if name not in dependencies.SLICER_BUNDLED:
-            assert dependencies.pinned(requirement, pins) == f"{written}=={pins[name]}"
-    assert dependencies.pinned("scipy>=1.10", pins) == "scipy>=1.10"  # Slicer's own scipy is kept
-    assert "torch" not in pins and "torchvision" not in pins  # left to the PyTorch extension's build
-
-
 def test_constraints_hold_what_is_installed_and_cover_pyproject():
     """The suite runs with exactly the versions of requirements/constraints.txt (for this Python and
     platform), and the file covers every requirement of pyproject.toml (a new dependency needs
@@ -175,64 +153,8 @@ def test_constraints_hold_what_is_installed_and_cover_pyproject():
     assert used <= set(installed), f"not installed: {sorted(used - set(installed))}"
 
 
-@pytest.mark.parametrize("requirement, installed, ok", [
-    ("transformers>=5.0,<6", "5.23.0", True), ("transformers>=5.0,<6", "4.57.1", False),
-    ("transformers>=5.0,<6", "6.0.0", False), ("torch>=2.4", "2.14.1+cu130", True), ("torch>=2.4", "2.3.1", False),
-    ("scipy>=1.10", None, False), ("uvicorn>=0.29", "0.29", True), ("fastapi>=0.110", "0.99.1", False),
-])
-def test_version_checks(requirement, installed, ok):
-    assert dependencies.satisfied(requirement, installed) is ok
-
-
-def test_nothing_is_installed_without_consent_and_torch_goes_through_the_pytorch_extension(tmp_path):
-    unpinned = tmp_path / "none.txt"
-    unpinned.write_text("# no pins\n")
-    versions = {"torch": None, "scipy": "1.17.1", "transformers": "4.40.0"}
-    version_of = lambda r: versions.get(re.match(r"[\w.-]+", r).group(0), "99.0")  # noqa: E731
-    installed = []
-    with pytest.raises(RuntimeError, match="torch>=2.4, transformers>=5.0,<6"):
-        dependencies.ensure("local", lambda todo: False, installed.append, lambda spec: True, version_of, unpinned)
-    assert installed == []
-    asked, torch_specs = [], []
-    done = dependencies.ensure("local", lambda todo: asked.append(todo) or True, installed.append,
-                               lambda spec: torch_specs.append(spec) or True, version_of, unpinned)
-    assert asked == [["torch>=2.4", "transformers>=5.0,<6"]]
-    assert torch_specs == [">=2.4"] and installed == [["transformers>=5.0,<6"]] and done == asked[0]
-    with pytest.raises(RuntimeError, match="PyTorch' extension"):
-        dependencies.ensure("local", lambda todo: True, installed.append, lambda spec: False, version_of, unpinned)
-    # the remote backend needs nothing; declining the optional zstandard is fine
-    assert dependencies.ensure("remote", lambda todo: False, installed.append, None,
-                               lambda r: None, unpinned) == []
-
-
-def test_the_module_installs_the_tested_versions_and_leaves_slicers_own_packages_alone(tmp_path):
-    constraints = tmp_path / "my constraints.txt"  # a space, as in many Windows profile paths
-    constraints.write_text("\n".join([
-        "# comment", "transformers==5.25.0", "    # via medical-sam3 (pyproject.toml)", "tokenizers==0.23.3",
-        "numpy==2.4.6", "scipy==1.17.1", "requests==2.34.2", "typing-extensions==4.16.0",
-        "colorama==0.4.6 ; sys_platform == 'no-such-platform'", "zstandard==0.25.0", ""]))
-    pins = dependencies.tested_versions(constraints)
-    assert "colorama" not in pins and pins["transformers"] == "5.25.0"  # markers are evaluated
-    # transformers 5.20 would do by pyproject's range, but 5.25.0 is what was tested; scipy is Slicer's
-    versions = {"torch": "2.14.1+cu130", "scipy": "1.13.1", "transformers": "5.20.0", "zstandard": "0.25.0"}
-    version_of = lambda r: versions.get(re.match(r"[\w.-]+", r).group(0), "99.0")  # noqa: E731
-    calls, seen = [], []
-
-    def pip_install(args):
-        calls.append(args)
-        seen.append(Path(args[args.index("-c") + 1]).read_text().split())
-
-    done = dependencies.ensure("local", lambda todo: True, pip_install, lambda spec: False, version_of, constraints)
-    assert done == ["transformers==5.25.0"]
-    assert len(calls) == 1 and calls[0][:-1] == ["transformers==5.25.0", "-c"]  # one resolution, pinned
-    assert seen == [["tokenizers==0.23.3", "transformers==5.25.0", "zstandard==0.25.0"]]  # no Slicer package
-    assert not Path(calls[0][-1]).exists()  # the temporary constraints file is removed
-    versions["transformers"] = "5.25.0"
-    assert dependencies.ensure("local", lambda todo: False, pip_install, None, version_of, constraints) == []
-
-
 def test_extension_catalog_entry():
-    entry = json.loads((MODULE_DIR / "MedicalSAM3.json").read_text())
+    entry = json.loads((MODULE_DIR / "ExtensionsIndex" / "main" / "MedicalSAM3.json").read_text())  # all: test_catalog
     # keys of Slicer's slicer-extension-catalog-entry-schema v1.0.1 (additionalProperties: false)
     allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
                "build_subdirectory", "enabled", "tier"}

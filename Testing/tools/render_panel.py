@@ -6,6 +6,13 @@ stand-ins with the same names and properties, so the picture shows the panel's l
 defaults, not Slicer's exact look. Maintainer tool (needs ``pip install PySide6-Essentials``)::
 
     python Testing/tools/render_panel.py Resources/Screenshots/panel.svg   # or .png
+
+Several outputs are drawn from one loading of the panel; ``--scale 2`` draws the raster ones (.png)
+at twice the pixels (an SVG is the same at any scale). The screenshot that the extensions catalog
+shows (``EXTENSION_SCREENSHOTURLS``: PNG, JPEG or GIF only) and the README's picture are made
+together::
+
+    python Testing/tools/render_panel.py --scale 2 Resources/Screenshots/panel.svg Resources/Screenshots/panel.png
 """
 
 from __future__ import annotations
@@ -79,7 +86,10 @@ class ctkSliderWidget(QWidget):
     decimals = Property(int, _get("decimals"), _set("decimals"))
 
 
-def render(output: Path) -> Path:
+def render(output: Path, *more: Path, scale: float = 1.0) -> Path:
+    """Load the panel once and write it to ``output`` (and to each of ``more``): .svg as vector, else a
+    raster image in the format Qt picks from the suffix, ``scale`` device pixels per pixel. Returns
+    ``output``."""
     app = QApplication.instance() or QApplication(sys.argv[:1])
     loader = QUiLoader()
     for cls in (qMRMLWidget, qMRMLNodeComboBox, ctkPathLineEdit, ctkCollapsibleButton, ctkSliderWidget):
@@ -100,6 +110,12 @@ def render(output: Path) -> Path:
     panel.resize(420, panel.sizeHint().height())
     panel.show()
     app.processEvents()
+    for path in (output, *more):
+        _write(panel, Path(path), scale)
+    return output
+
+
+def _write(panel: QWidget, output: Path, scale: float = 1.0) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix.lower() == ".svg":  # text, not a binary: what the repository keeps
         from PySide6.QtCore import QRect, QSize
@@ -111,10 +127,35 @@ def render(output: Path) -> Path:
         generator.setViewBox(QRect(0, 0, panel.width(), panel.height()))
         generator.setTitle("Medical SAM3 panel (rendered from MedicalSAM3.ui with Qt stand-ins for Slicer widgets)")
         panel.render(generator)
-    elif not panel.grab().save(str(output)):
+    elif not _grab(panel, scale).save(str(output)):
         raise SystemExit(f"could not write {output}")
-    return output
+
+
+def _grab(panel: QWidget, scale: float):
+    if scale == 1:
+        return panel.grab()
+    from PySide6.QtGui import QPixmap
+
+    pixmap = QPixmap(round(panel.width() * scale), round(panel.height() * scale))
+    pixmap.setDevicePixelRatio(scale)
+    pixmap.fill(panel.palette().window().color())
+    panel.render(pixmap)
+    return pixmap
+
+
+def main(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Render the Medical SAM3 panel from its .ui file.")
+    parser.add_argument("outputs", nargs="*", type=Path, default=[Path("panel.png")],
+                        help=".svg, .png, ... (default: panel.png)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="device pixels per pixel of raster outputs (e.g. 2 for a sharp screenshot)")
+    args = parser.parse_args(argv)
+    render(*args.outputs, scale=args.scale)
+    for path in args.outputs:
+        print(path)
 
 
 if __name__ == "__main__":
-    print(render(Path(sys.argv[1] if len(sys.argv) > 1 else "panel.png")))
+    main(sys.argv[1:])

@@ -61,3 +61,33 @@ def test_conflicting_synonym_is_a_dictionary_error(tmp_path):
                     '{"name": "Y", "synonyms": ["same"], "color": [1,2,3], "category": "a", "type": {"code": "2", "meaning": "Y"}}]}')
     with pytest.raises(ValueError, match="maps to both"):
         PromptDictionary.load(path)
+
+
+@pytest.mark.parametrize("name, side", [("Left kidney", "Left"), ("Right kidney", "Right"),
+                                        ("Left adrenal gland", "Left"), ("Right adrenal gland", "Right")])
+def test_laterality_is_a_type_modifier_of_the_unlateralized_structure(name, side):
+    concept = default_dictionary().lookup(name)
+    structure = name.split(" ", 1)[1].capitalize()
+    assert concept.type.meaning == structure and concept.type.code in {"64033007", "23451007"}
+    assert concept.type.modifier.meaning == side
+    assert concept.type.modifier.code == {"Left": "7771000", "Right": "24028007"}[side]
+    assert concept.terminology()["type"]["modifier"] == {"scheme": "SCT", "code": concept.type.modifier.code,
+                                                         "meaning": side}
+    assert "modifier" not in default_dictionary().lookup("liver").terminology()["type"]
+
+
+def test_terminology_string_names_the_shipped_contexts_in_slicers_seven_fields():
+    from MedicalSAM3Core.common.terminology import CONTEXT_NAME, REGION_CONTEXT_NAME, terminology_string
+
+    left = terminology_string(default_dictionary().lookup("left kidney").terminology()).split("~")
+    assert left == [CONTEXT_NAME, "SCT^123037004^Anatomical Structure", "SCT^64033007^Kidney", "SCT^7771000^Left",
+                    "", "^^", "^^"]
+    tumor = terminology_string(default_dictionary().lookup("liver tumor").terminology()).split("~")
+    assert tumor == [CONTEXT_NAME, "SCT^49755003^Morphologically Altered Structure", "SCT^108369006^Neoplasm", "^^",
+                     REGION_CONTEXT_NAME, "SCT^10200004^Liver", "^^"]
+
+
+def test_shipped_terminology_contexts_are_generated_from_this_dictionary():
+    from MedicalSAM3Core.common.terminology import stale_files
+
+    assert stale_files() == [], "run: python -m MedicalSAM3Core.common.terminology"
