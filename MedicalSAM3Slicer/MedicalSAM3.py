@@ -301,11 +301,12 @@ class MedicalSAM3Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.start()
 
     def _dropTask(self) -> None:
-        """Cancel the running task and forget it: nothing it returns is shown or written."""
+        """Cancel the running task and forget it: nothing it returns is shown or written, and its job
+        folder (a copy of the voxels) is removed now."""
         if self._timer is not None:
             self._timer.stop()
-        if self._task is not None:
-            self._task.cancel()
+        if self.logic is not None:
+            self.logic.dropActiveTask()
         self._task = self._taskKind = self._taskContext = None
         if hasattr(self, "ui"):
             self.ui.progressBar.visible = False
@@ -369,8 +370,9 @@ class MedicalSAM3Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The results table: structure, confidence, volume, slices; rows to check marked."""
         table = self.ui.resultsTableWidget
         table.setRowCount(0)
-        table.visible = report is not None and bool(report.rows)
-        if not table.visible:
+        show = report is not None and bool(report.rows)
+        table.setVisible(show)  # (reading .visible back is False while the panel itself is hidden)
+        if not show:
             return
         table.setRowCount(len(report.rows))
         for row, line in enumerate(report.rows):
@@ -532,6 +534,13 @@ class MedicalSAM3Logic(ScriptedLoadableModuleLogic):
         self._activeTask = task
         return task
 
+    def dropActiveTask(self) -> None:
+        """Cancel the running task, if any, stop its process and remove its job folder (nothing of it
+        is written); for a scene that closes, a module reload, Slicer quitting."""
+        task, self._activeTask = self._activeTask, None
+        if task is not None:
+            task.close()
+
     def start(self, volumeNode, prompts, options, settings):
         """Start segmenting in the background; returns a :class:`~MedicalSAM3Lib.backends.ProcessTask`.
         Raises before anything starts (and before the scene changes) on an unsupported Slicer or bad input."""
@@ -611,13 +620,13 @@ class MedicalSAM3Logic(ScriptedLoadableModuleLogic):
         """Why a results-table row is marked for checking ('' when it is not)."""
         from MedicalSAM3Lib.scene import FEW_SLICES, LOW_CONFIDENCE
 
+        if not row.needs_check:
+            return ""
         if not row.found:
             return _("Not found: nothing above the score threshold")
         if row.confidence < LOW_CONFIDENCE:
             return _("Low confidence (below {value:.2f}): check it").format(value=LOW_CONFIDENCE)
-        if row.slices < FEW_SLICES:
-            return _("Found on fewer than {count} slices: check it is not a stray detection").format(count=FEW_SLICES)
-        return ""
+        return _("Found on fewer than {count} slices: check it is not a stray detection").format(count=FEW_SLICES)
 
     @staticmethod
     def summary(result, warnings=(), report=None) -> str:
@@ -655,6 +664,7 @@ class MedicalSAM3Logic(ScriptedLoadableModuleLogic):
         return text
 
     def shutdown(self) -> None:
+        self.dropActiveTask()
         if self._local is not None:
             self._local.stop()
             self._local = None
@@ -742,6 +752,13 @@ class MedicalSAM3Test(ScriptedLoadableModuleTest):
         logic.restorePrevious(second.node)
         np.testing.assert_array_equal(segment_mask(first.node, "MedicalSAM3_liver", volumeNode), before)
         self.assertTrue(logic.centerViewsOnSegment(first.node, "MedicalSAM3_liver"))
+
+        self.delayDisplay("A segment the user changed is kept by a rerun")
+        first.node.GetSegmentation().GetSegment("MedicalSAM3_liver").SetName("Liver, checked")
+        third = write_segments(self._fakeResult(volumeNode, np.s_[12:16, 30:50, 30:50]), volumeNode, first.node)
+        self.assertEqual(third.kept_edited, {"Liver, checked": "Liver"})  # renamed by the user: the name is free
+        np.testing.assert_array_equal(segment_mask(first.node, "MedicalSAM3_liver", volumeNode), before)
+        self.assertEqual(first.node.GetSegmentation().GetNumberOfSegments(), 2)
         self.delayDisplay("Test passed")
 
     def _testModel(self) -> str:

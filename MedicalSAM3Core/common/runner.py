@@ -118,6 +118,7 @@ def run(folder: Path, cancel: Optional[CancelToken] = None) -> None:
         raise InputError(f"unknown runner action {job['action']!r}")
     volume = Volume(np.load(folder / VOLUME, allow_pickle=False), Geometry.from_dict(job["geometry"]),
                     modality=job.get("modality"), source=job.get("source"))
+    (folder / VOLUME).unlink()  # image data stays on disk no longer than needed
     options = SegmentOptions.from_dict(job.get("options", {}))
     result = client.segment(volume, job["prompts"], options, progress=progress, cancel=cancel)
     from .wire import encode_result

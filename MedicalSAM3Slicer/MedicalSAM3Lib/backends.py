@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
@@ -286,6 +287,8 @@ class ProcessTask:
                  env: Optional[Mapping[str, str]] = None, watch: Optional[Callable[[], Optional[Exception]]] = None,
                  cancel_grace: float = 15.0) -> None:
         self._folder = Path(tempfile.mkdtemp(prefix="medsam3-job-"))
+        # the folder holds image data: removed when the task ends, is closed, or is garbage-collected
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._folder), True)
         self._watch = watch
         self._cancel_grace = cancel_grace
         self._cancelled_at: Optional[float] = None
@@ -361,14 +364,24 @@ class ProcessTask:
                 pass
         return True
 
-    def _stop_child(self) -> None:
+    def close(self, timeout: float = 2.0) -> None:
+        """Cancel (if still running), stop the child and remove the job folder now: for a task nobody
+        will poll again (the scene closes, the module is reloaded, Slicer quits)."""
+        if not self._done:
+            self.cancel()
+            self._stop_child(timeout)
+            self._finish(None)
+
+    def _stop_child(self, timeout: float = 2.0) -> None:
         try:
             self._process.stdin.close()
         except OSError:
             pass
         try:
-            self._process.wait(2)
+            self._process.wait(timeout)
         except subprocess.TimeoutExpired:
+            # PythonSlicer is a launcher that runs the real interpreter as its child: that child still
+            # sees its standard input close and ends with the cancelled job
             self._process.kill()
             self._process.wait(5)
 
@@ -377,14 +390,14 @@ class ProcessTask:
         try:
             if problem is not None:
                 self.error = problem
+            elif self._cancelled_at is not None:  # a result that came in after Cancel is not written
+                self.error = Cancelled("cancelled")
             elif (folder / runner.ERROR).is_file():
                 self.error = _runner_error(json.loads((folder / runner.ERROR).read_text(encoding="utf-8")))
             elif (folder / runner.RESULT).is_file():
                 self.result = decode_result((folder / runner.RESULT).read_bytes())
             elif (folder / runner.INFO).is_file():
                 self.result = json.loads((folder / runner.INFO).read_text(encoding="utf-8"))
-            elif self._cancelled_at is not None:
-                self.error = Cancelled("cancelled")
             else:
                 output = (folder / "runner.log").read_text(encoding="utf-8", errors="replace")[-2000:]
                 self.error = BackendError(f"the Medical SAM3 job process ended with status {self._process.returncode}"
@@ -393,7 +406,7 @@ class ProcessTask:
             self.error = BackendError(f"could not read the job's outcome: {error}")
         finally:
             self._done = True
-            shutil.rmtree(folder, ignore_errors=True)
+            self._cleanup()
 
 
 def _runner_error(data: dict) -> BaseException:

@@ -54,9 +54,9 @@ def _slicer():
     return slicer
 
 
-def volume_from_node(volume_node) -> Volume:
-    """The engine's :class:`Volume` of a scalar volume node (voxels ``(z, y, x)``, LPS geometry).
-    The voxels are a copy: the user may go on editing the volume while a run uses them."""
+def _checked_voxels(volume_node) -> tuple[np.ndarray, Geometry]:
+    """The node's voxels ``(z, y, x)`` as ``slicer.util.arrayFromVolume`` gives them (a view, not a
+    copy) and their LPS geometry, after checking the node can be segmented."""
     slicer = _slicer()
     import vtk
 
@@ -74,11 +74,23 @@ def volume_from_node(volume_node) -> Volume:
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
     ijk_to_ras = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-    array = slicer.util.arrayFromVolume(volume_node)  # a view of the node's voxels (slicer.util's docs)
+    array = slicer.util.arrayFromVolume(volume_node)
     if array.ndim != 3:
         raise InputError(f"volume {volume_node.GetName()!r} has {array.ndim} dimensions; a scalar 3D volume is needed")
-    return Volume(np.array(array, copy=True), Geometry.from_ijk_to_ras(ijk_to_ras), modality=None,
-                  source=volume_node.GetName())
+    return array, Geometry.from_ijk_to_ras(ijk_to_ras)
+
+
+def volume_grid(volume_node) -> tuple[tuple, Geometry]:
+    """The node's grid: shape ``(z, y, x)`` and LPS geometry (no copy of the voxels)."""
+    array, geometry = _checked_voxels(volume_node)
+    return tuple(array.shape), geometry
+
+
+def volume_from_node(volume_node) -> Volume:
+    """The engine's :class:`Volume` of a scalar volume node (voxels ``(z, y, x)``, LPS geometry).
+    The voxels are a copy: the user may go on editing the volume while a run uses them."""
+    array, geometry = _checked_voxels(volume_node)
+    return Volume(np.array(array, copy=True), geometry, modality=None, source=volume_node.GetName())
 
 
 def _oriented_image(mask: np.ndarray, ijk_to_ras: np.ndarray):
@@ -130,8 +142,8 @@ def _mask_on_grid(segmentation_node, segment_id: str, shape: tuple, ijk_to_ras: 
 
 def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
     """A segment's binary labelmap resampled onto ``volume_node``'s grid, ``(z, y, x)`` bool."""
-    volume = volume_from_node(volume_node)
-    return _mask_on_grid(segmentation_node, segment_id, volume.shape, volume.geometry.ijk_to_ras())
+    shape, geometry = volume_grid(volume_node)
+    return _mask_on_grid(segmentation_node, segment_id, shape, geometry.ijk_to_ras())
 
 
 def _fingerprint(name: str, mask: np.ndarray) -> str:
@@ -210,7 +222,8 @@ class ResultRow:
 @dataclass
 class WriteReport:
     """What :func:`write_segments` did: the node, the record for Restore previous, one row per
-    prompt, and the user-edited segments that were kept (``{kept segment name: new segment name}``)."""
+    prompt, and the module's segments the user had changed, which were kept while the result went
+    into a new segment (``{kept segment's name: new segment's name}``)."""
 
     node: object
     record: RunRecord
@@ -225,14 +238,21 @@ def _require_terminology_api(segment_class) -> None:
         raise InputError("this 3D Slicer is too old for Medical SAM3: it needs Slicer 5.10 or newer")
 
 
-def _own_unchanged_segment(segmentation_node, name: str, shape, ijk_to_ras) -> Optional[str]:
+def _own_segments(segmentation_node, name: str, shape, ijk_to_ras) -> tuple[Optional[str], list[str]]:
+    """The module's segments of concept ``name``: the first one unchanged since written (or None),
+    and the names of those the user changed since."""
     segmentation = segmentation_node.GetSegmentation()
+    unchanged, edited = None, []
     for index in range(segmentation.GetNumberOfSegments()):
         segment_id = segmentation.GetNthSegmentID(index)
-        if segment_tag(segmentation.GetSegment(segment_id), PROMPT_TAG) == name and unchanged_since_written(
-                segmentation_node, segment_id, shape, ijk_to_ras):
-            return segment_id
-    return None
+        segment = segmentation.GetSegment(segment_id)
+        if segment_tag(segment, PROMPT_TAG) != name:
+            continue
+        if unchanged is None and unchanged_since_written(segmentation_node, segment_id, shape, ijk_to_ras):
+            unchanged = segment_id
+        else:
+            edited.append(segment.GetName())
+    return unchanged, edited
 
 
 def _free_name(segmentation, name: str) -> str:
@@ -267,14 +287,14 @@ def write_segments(result: SegmentationResult, volume_node, segmentation_node=No
     """
     slicer = _slicer()
     _require_terminology_api(slicer.vtkSegment)
-    volume = volume_from_node(volume_node)
-    if result.shape != volume.shape or not np.allclose(result.geometry.ijk_to_lps(), volume.geometry.ijk_to_lps(),
-                                                       atol=1e-4):
+    shape, geometry = volume_grid(volume_node)
+    if result.shape != shape or not np.allclose(result.geometry.ijk_to_lps(), geometry.ijk_to_lps(), atol=1e-4):
         raise InputError("the segmentation result is not on this volume's grid; run it again on this volume")
     if segmentation_node is not None and segmentation_node.GetScene() is None:
         segmentation_node = None  # removed from the scene while the run went on: write to a new one
     logic = segmentations_logic or slicer.modules.segmentations.logic()
-    ijk_to_ras = volume.geometry.ijk_to_ras()
+    ijk_to_ras = geometry.ijk_to_ras()
+    voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
     masks = [result.mask(index) if keep_overlapping and result.packed_masks else result.label_map == label.value
              for index, label in enumerate(result.labels)]
     scene = volume_node.GetScene()
@@ -287,19 +307,17 @@ def write_segments(result: SegmentationResult, volume_node, segmentation_node=No
     segmentation = segmentation_node.GetSegmentation()
     report = WriteReport(segmentation_node, RunRecord(segmentation_node.GetID(), volume_node.GetID()))
     for label, mask in zip(result.labels, masks):
-        segment_id = _own_unchanged_segment(segmentation_node, label.name, volume.shape, ijk_to_ras)
+        segment_id, edited = _own_segments(segmentation_node, label.name, shape, ijk_to_ras)
         color = tuple(c / 255.0 for c in label.color)
         if segment_id is not None:
-            report.record.previous[segment_id] = SegmentState.of(segmentation_node, segment_id, volume.shape,
-                                                                 ijk_to_ras)
+            report.record.previous[segment_id] = SegmentState.of(segmentation_node, segment_id, shape, ijk_to_ras)
             name = segmentation.GetSegment(segment_id).GetName()  # "Liver", or "Liver (new)" next to an edited one
         else:
             wanted = segment_id_for(label.name)
             segment_id = wanted if segmentation.GetSegment(wanted) is None else segmentation.GenerateUniqueSegmentID(
                 wanted)
             name = _free_name(segmentation, label.name)
-            if name != label.name:
-                report.kept_edited[label.name] = name
+            report.kept_edited.update({kept: name for kept in edited})
             segment_id = segmentation.AddEmptySegment(segment_id, name, color)
             report.record.previous[segment_id] = None
         fingerprint = _fingerprint(name, mask)
@@ -308,7 +326,7 @@ def write_segments(result: SegmentationResult, volume_node, segmentation_node=No
         _set_segment(segmentation_node, segment_id, mask, name, color, tags, terminology, logic, ijk_to_ras)
         report.record.written[segment_id] = fingerprint
         report.rows.append(ResultRow(segment_id, name, float(label.confidence),
-                                     float(mask.sum()) * volume.voxel_volume_ml,
+                                     float(mask.sum()) * voxel_ml,
                                      int(np.count_nonzero(mask.any(axis=(1, 2)))), bool(mask.any())))
     return report
 
@@ -330,15 +348,15 @@ def restore_previous(record: RunRecord, scene, segmentations_logic=None) -> Rest
     if segmentation_node is None or volume_node is None:
         raise InputError("the segmentation or the volume of that run is no longer in the scene")
     logic = segmentations_logic or slicer.modules.segmentations.logic()
-    volume = volume_from_node(volume_node)
-    ijk_to_ras = volume.geometry.ijk_to_ras()
+    shape, geometry = volume_grid(volume_node)
+    ijk_to_ras = geometry.ijk_to_ras()
     segmentation = segmentation_node.GetSegmentation()
     report = RestoreReport()
     for segment_id, fingerprint in record.written.items():
         segment = segmentation.GetSegment(segment_id)
         if segment is None:
             continue
-        if _current_fingerprint(segmentation_node, segment_id, volume.shape, ijk_to_ras) != fingerprint:
+        if _current_fingerprint(segmentation_node, segment_id, shape, ijk_to_ras) != fingerprint:
             report.kept_edited.append(segment.GetName())
             continue
         previous = record.previous.get(segment_id)
@@ -346,7 +364,7 @@ def restore_previous(record: RunRecord, scene, segmentations_logic=None) -> Rest
             report.removed.append(segment.GetName())
             segmentation.RemoveSegment(segment_id)
             continue
-        if previous.shape != volume.shape:
+        if previous.shape != shape:
             report.kept_edited.append(segment.GetName())
             continue
         _set_segment(segmentation_node, segment_id, previous.mask(), previous.name, previous.color, previous.tags,

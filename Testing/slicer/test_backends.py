@@ -274,3 +274,20 @@ def test_the_volume_is_a_snapshot_and_a_removed_volume_gets_nothing_written(scen
     with pytest.raises(InputError, match="removed"):
         finish_segmentation(task, volume_node, segmentations_logic=scene.segmentations)
     assert scene.mrml.GetNumberOfNodes() == nodes - 1
+
+
+def test_cancel_wins_over_a_result_not_yet_polled_and_job_folders_do_not_stay(scene, local_server):
+    volume_node = slicer.util.addVolumeFromArray(make_phantom(), name="ct")
+    task = start_segmentation(volume_node, ["liver"], OPTIONS, local_server)
+    folder = task._folder
+    task._process.wait(120)  # the result is in; the panel has not polled yet
+    assert (folder / "result.medsam3").is_file() and not (folder / "volume.npy").exists()  # voxels removed at once
+    task.cancel()  # the user pressed Cancel in between: nothing may be written
+    assert task.finished and task.cancelled and task.result is None
+    assert not folder.exists()
+
+    task = start_segmentation(volume_node, ["liver"], OPTIONS, local_server)
+    folder = task._folder
+    assert (folder / "volume.npy").is_file() or task._process.poll() is not None
+    task.close()  # the scene closes: the run is dropped without being polled again
+    assert task.finished and task.cancelled and not folder.exists()

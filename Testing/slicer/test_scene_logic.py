@@ -13,7 +13,7 @@ from MedicalSAM3Core.common.options import SegmentOptions
 from MedicalSAM3Core.inference.engine import Segmenter
 from MedicalSAM3Lib.scene import (PROMPT_TAG, _oriented_image, restore_previous, segment_center_ras, segment_mask,
                                   segment_tag, segment_volume, unchanged_since_written, volume_from_node,
-                                  write_segments)
+                                  volume_grid, write_segments)
 from phantoms import make_phantom
 
 OBLIQUE = np.linalg.qr(np.array([[0.9, 0.3, 0.1], [-0.2, 0.8, 0.4], [0.1, -0.3, 0.9]]))[0]
@@ -155,7 +155,8 @@ def test_a_segment_the_user_edited_is_never_overwritten_by_a_rerun_or_a_restore(
     np.testing.assert_array_equal(segment_mask(node, "MedicalSAM3_liver", volume_node), edited)  # untouched
     np.testing.assert_array_equal(segment_mask(node, "MedicalSAM3_spleen", volume_node), spleen)
     assert segments["MedicalSAM3_spleen"].GetName() == "spleen, checked"
-    assert report.kept_edited == {"Liver": "Liver (new)"}  # "Spleen" is free: the new one takes the name
+    # both kept; the new liver goes next to "Liver", the new spleen takes the name "Spleen", now free
+    assert report.kept_edited == {"Liver": "Liver (new)", "spleen, checked": "Spleen"}
     new_liver = [i for i in report.record.written if i not in ("MedicalSAM3_liver", "MedicalSAM3_spleen")]
     assert len(segments) == 4 and len(new_liver) == 2
     assert segments[report.rows[0].segment_id].GetName() == "Liver (new)"
@@ -252,3 +253,14 @@ def test_an_older_slicer_is_refused_before_any_node_or_segment_is_added(scene, r
     with pytest.raises(InputError, match="5.10 or newer"):
         write_segments(result, volume_node, segmentations_logic=scene.segmentations)
     assert scene.mrml.GetNumberOfNodes() == nodes
+
+
+def test_the_engine_gets_a_copy_of_the_voxels_and_the_grid_needs_none(scene):
+    volume_node = slicer.util.addVolumeFromArray(make_phantom(), ijkToRAS=GRIDS["oblique"], name="ct")
+    volume = volume_from_node(volume_node)
+    voxels = slicer.util.arrayFromVolume(volume_node)
+    assert not np.shares_memory(volume.array, voxels)  # the user may edit the volume while a run uses it
+    voxels[:] = 0
+    np.testing.assert_array_equal(volume.array, make_phantom())
+    shape, geometry = volume_grid(volume_node)
+    assert shape == volume.shape and geometry == volume.geometry
