@@ -128,10 +128,20 @@ def compile_lock() -> tuple[str, list[str], str]:
     return done.stdout, pins, shown
 
 
+def _body(entries) -> list[str]:
+    """The pins of ``entries``, each followed by what requires it."""
+    lines = []
+    for _name, line, via in entries:
+        lines.append(line)
+        if via:
+            lines.append("    # via " + ", ".join(sorted(via)))
+    return lines
+
+
 def render(entries, pins: list[str], dropped: list[str], command: str, today: str) -> str:
     header = [
         "# The versions `make install` / `make test` / CI install (pip install -c requirements/constraints.txt),",
-        "# and the 3D Slicer module's installer too. Made by `make lock` (requirements/lock.py) on " + today + ":",
+        "# the base of the 3D Slicer module's constraints-slicer-*.txt. Made by `make lock` (requirements/lock.py) on " + today + ":",
         "#   " + command,
         "# One version per package for CPython >= " + LOWEST_PYTHON + " on every platform, resolved around "
         + ", ".join(pins) + ",",
@@ -139,12 +149,7 @@ def render(entries, pins: list[str], dropped: list[str], command: str, today: st
                        + ", ".join(dropped) + ".", 100, initial_indent="# ", subsequent_indent="#   ", break_on_hyphens=False),
         "# pyproject.toml keeps ranges for installs into your own stack. Do not edit by hand.",
     ]
-    body = []
-    for _name, line, via in entries:
-        body.append(line)
-        if via:
-            body.append("    # via " + ", ".join(sorted(via)))
-    return "\n".join(header + body) + "\n"
+    return "\n".join(header + _body(entries)) + "\n"
 
 
 # -- the resolutions for 3D Slicer's Python ------------------------------------------------------------
@@ -239,12 +244,7 @@ def render_slicer(entries, version: str, python: str, commit: str, command: str,
         "# The module hands pip these pins with Slicer's packages at their installed versions (MedicalSAM3Lib/",
         "# dependencies.py). Do not edit by hand.",
     ]
-    body = []
-    for _name, line, via in entries:
-        body.append(line)
-        if via:
-            body.append("    # via " + ", ".join(sorted(via)))
-    return "\n".join(header + body) + "\n"
+    return "\n".join(header + _body(entries)) + "\n"
 
 
 def lock_slicer(version: str, main_lines: list[str], folder: Path, today: str) -> tuple[Path, list, list[str]]:
