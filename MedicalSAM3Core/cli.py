@@ -226,7 +226,7 @@ def _segment(args: argparse.Namespace) -> int:
         info = client.info()
         print(f"medsam3: segmenting on {args.server} with model {info.get('model_id')} "
               f"({info.get('device')})", file=sys.stderr)
-        result = client.segment(volume, prompts, options, progress=_progress_bar(args.quiet))
+        result = client.segment(volume, prompts, options, progress=_progress_bar(args.quiet, info.get("device"), args.server))
     else:
         model_source = args.model or default_model()
         if not args.model:
@@ -235,7 +235,8 @@ def _segment(args: argparse.Namespace) -> int:
         from .inference.models import load_model
 
         model = load_model(model_source, device=args.device, dtype=args.dtype)
-        result = Segmenter(model).segment(volume, prompts, options, progress=_progress_bar(args.quiet))
+        result = Segmenter(model).segment(volume, prompts, options,
+                                          progress=_progress_bar(args.quiet, str(model.device)))
     write_result(result, paths, volume)
     _print_summary(result, paths)
     return 0
@@ -272,16 +273,23 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_bar(quiet: bool):
+def _progress_bar(quiet: bool, device: Optional[str] = None, server: Optional[str] = None):
+    """A progress bar on stderr; the first estimate of the time left is printed once (with the hint to
+    use a GPU server when a CPU run will be long)."""
     if quiet:
         return None
     from tqdm import tqdm
+
+    from .common.progress import eta_message
 
     state: dict = {}
 
     def update(event) -> None:
         if event.total <= 0:  # e.g. a job still queued on a server: nothing to count yet
             return
+        if event.eta_s is not None and not state.get("estimated"):
+            state["estimated"] = True
+            tqdm.write(f"medsam3: {eta_message(event.eta_s, device, server)}", file=sys.stderr)
         bar = state.get("bar")
         if bar is None:
             bar = state["bar"] = tqdm(total=event.total, unit="slice", file=sys.stderr, leave=False)

@@ -330,7 +330,17 @@ class MedicalSAM3Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.progressBar.setRange(0, event.total)
                 self.ui.progressBar.value = event.done
             if not task.cancel_requested:
-                self.ui.statusLabel.text = event.stage
+                timeLeft = task.time_left()
+                self.ui.statusLabel.text = event.stage + (f" ({timeLeft})" if timeLeft else "")
+        question = task.long_run_question() if self._taskKind == "segment" else None
+        if question:
+            self._timer.stop()  # no ticks while the question is open (its event loop would run them)
+            goOn = slicer.util.confirmOkCancelDisplay(question, _("Long segmentation"))
+            if self._task is not task:  # the scene closed meanwhile
+                return
+            if not goOn:
+                self.onCancel()
+            self._timer.start()
         if not task.finished:
             return
         kind, context = self._taskKind, self._taskContext

@@ -209,7 +209,7 @@ class Client:
                     raise Cancelled("segmentation cancelled")
                 status = self.status(job_id)
                 event = ProgressEvent(status["progress"]["done"], status["progress"]["total"],
-                                      status["progress"]["stage"])
+                                      status["progress"]["stage"], status["progress"].get("eta_s"))
                 if progress is not None and event != last:
                     progress(event)
                     last = event

@@ -14,7 +14,8 @@ own Python runs it). The protocol, all in ``FOLDER`` (a private temporary folder
   "startup_timeout": seconds}, "verify": true | CA-bundle path, "prompts": [...], "options": {...},
   "geometry": {...}, "modality": ...}``; ``volume.npy`` (in, segment): the voxels ``(z, y, x)``.
 * ``MEDSAM3_RUNNER_TOKEN`` (environment): the server's access token (never written to disk).
-* ``progress.json`` (out): the latest :class:`ProgressEvent`, replaced atomically.
+* ``progress.json`` (out): the latest :class:`ProgressEvent` (with the server's device once known),
+  replaced atomically.
 * ``result.medsam3`` (out, segment): the result in the wire format, uncompressed;
   ``info.json`` (out, info): the server's ``/v1/info``.
 * ``error.json`` (out): ``{"type": class name, "message": text}`` when the job failed or was cancelled.
@@ -91,10 +92,13 @@ def run(folder: Path, cancel: Optional[CancelToken] = None) -> None:
     cancel = cancel or CancelToken()
     job = json.loads((folder / JOB).read_text(encoding="utf-8"))
 
+    device = {}
+
     def progress(event: ProgressEvent) -> None:
         try:
             write_atomically(folder / PROGRESS, json.dumps(
-                {"done": event.done, "total": event.total, "stage": event.stage}).encode("utf-8"))
+                {"done": event.done, "total": event.total, "stage": event.stage, "eta_s": event.eta_s,
+                 **device}).encode("utf-8"))
         except OSError:  # progress is a courtesy; the job goes on
             pass
 
@@ -111,6 +115,7 @@ def run(folder: Path, cancel: Optional[CancelToken] = None) -> None:
         except ServerUnreachable:
             cancel.raise_if_cancelled()
             raise
+    device["device"] = info.get("device")  # for the host's estimate of the time left ("on this computer")
     if job["action"] == "info":
         (folder / INFO).write_text(json.dumps(info), encoding="utf-8")
         return

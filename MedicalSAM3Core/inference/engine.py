@@ -179,8 +179,11 @@ class Segmenter:
             # each track sweeps n_slices + 1 frames (its start slice twice); the count of tracks is
             # known after probing, so the total grows then
             tracker = ProgressTracker(len(groups) * len(probes), progress, cancel)
+            # until the probes say how many sweeps there are, estimate the time left with the most (one per prompt)
+            tracker.eta_total = tracker.total + len(resolved) * (n_slices + 1)
             tracks = [t for group in groups for t in self._plan_tracks(view, probes, group, texts, options, tracker)]
             tracker.total += len(tracks) * (n_slices + 1)
+            tracker.eta_total = None
             accumulator = VolumeAccumulator(len(resolved), view.shape, label_dtype, exact=len(tracks) == 1)
             for track, anchor in tracks:
                 self._run_propagate(view, track, anchor, texts, options, accumulator, tracker)
@@ -259,9 +262,8 @@ class Segmenter:
         n_prompts = len(texts)
         n_slices, rows, cols = view.shape
         all_prompts = list(range(n_prompts))
-        for start in range(0, n_slices, options.batch_size):
+        for start, stop in self._batches(n_slices, options.batch_size):
             tracker.check()
-            stop = min(n_slices, start + options.batch_size)
             raw = _slices_tensor(view[start:stop]).to(self.model.device)
             confidences = np.zeros((n_prompts, stop - start, rows, cols), dtype=np.float32)
             scores = np.zeros((n_prompts, stop - start), dtype=np.float32)
@@ -270,6 +272,13 @@ class Segmenter:
                     confidences[k], scores[k] = conf, score
             accumulator.add(start, all_prompts, confidences, scores)
             tracker.advance(stop - start, "segmenting slices")
+
+    def _batches(self, n: int, batch_size: int) -> list[tuple[int, int]]:
+        """``(start, stop)`` of the batches of ``n`` slices. On a CPU the first batch is one slice, so
+        the time left can be estimated (and shown) after one slice instead of a whole batch."""
+        first = 1 if self.model.device.type == "cpu" else batch_size
+        starts = [0] + list(range(min(first, n), n, batch_size)) if n else []
+        return [(start, min(n, start + (first if start == 0 else batch_size))) for start in starts]
 
     def _detect_batch(self, raw: torch.Tensor, group: _Group, texts: list[_TextEmbedding],
                       options: SegmentOptions) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
@@ -300,9 +309,9 @@ class Segmenter:
         slice with the highest summed score (fewer sweeps, for many prompts).
         """
         scores = np.zeros((len(group.prompt_indices), len(probes)))
-        for start in range(0, len(probes), options.batch_size):
+        for start, stop in self._batches(len(probes), options.batch_size):
             tracker.check()
-            batch = probes[start:start + options.batch_size]
+            batch = probes[start:stop]
             raw = _slices_tensor(view[batch]).to(self.model.device)
             for j, (_, _, score) in enumerate(self._detect_batch(raw, group, texts, options)):
                 scores[j, start:start + len(batch)] = score

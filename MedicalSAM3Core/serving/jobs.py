@@ -50,7 +50,8 @@ class Job:
     def status(self) -> dict:
         """The job as the status endpoint reports it (no image data)."""
         return {"job_id": self.id, "state": self.state,
-                "progress": {"done": self.progress.done, "total": self.progress.total, "stage": self.progress.stage},
+                "progress": {"done": self.progress.done, "total": self.progress.total, "stage": self.progress.stage,
+                             "eta_s": self.progress.eta_s},
                 "error": self.error, "warnings": list(self.warnings), "created": self.created,
                 "started": self.started, "finished": self.finished,
                 "result_bytes": len(self.result) if self.result is not None else None}

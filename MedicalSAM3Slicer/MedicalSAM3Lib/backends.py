@@ -49,7 +49,7 @@ from MedicalSAM3Core.common import runner
 from MedicalSAM3Core.common.client import Client, ServerError, is_loopback
 from MedicalSAM3Core.common.errors import Cancelled, InputError, MedSAM3Error
 from MedicalSAM3Core.common.options import SegmentOptions
-from MedicalSAM3Core.common.progress import CancelToken, ProgressEvent
+from MedicalSAM3Core.common.progress import LONG_RUN_S, CancelToken, ProgressEvent, eta_message
 from MedicalSAM3Core.common.volume import Volume
 from MedicalSAM3Core.common.wire import decode_result
 
@@ -294,6 +294,9 @@ class ProcessTask:
         self._cancelled_at: Optional[float] = None
         self._progress: Optional[ProgressEvent] = None
         self._done = False
+        self._asked_long = False
+        self.device: Optional[str] = None  # the engine's device, once the child reported it
+        self.server: Optional[str] = job.get("server", {}).get("url")  # None: the local engine
         self.result = None
         self.error: Optional[BaseException] = None
         self.started_at = time.monotonic()
@@ -315,10 +318,29 @@ class ProcessTask:
         if not self._done:
             try:
                 data = json.loads((self._folder / runner.PROGRESS).read_text(encoding="utf-8"))
-                self._progress = ProgressEvent(int(data["done"]), int(data["total"]), str(data["stage"]))
+                eta = data.get("eta_s")
+                self._progress = ProgressEvent(int(data["done"]), int(data["total"]), str(data["stage"]),
+                                               None if eta is None else float(eta))
+                self.device = data.get("device") or self.device
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # not written yet, or being replaced: keep the last one
         return self._progress
+
+    def time_left(self) -> Optional[str]:
+        """``about 12 min on this computer`` once the engine has estimated it, else None."""
+        event = self.progress
+        if event is None or event.eta_s is None:
+            return None
+        return eta_message(event.eta_s, self.device, self.server)
+
+    def long_run_question(self) -> Optional[str]:
+        """The question to ask, once per task, when the time left is estimated above
+        :data:`~MedicalSAM3Core.common.progress.LONG_RUN_S` (the run goes on meanwhile); else None."""
+        event = self.progress
+        if self._asked_long or self._done or event is None or event.eta_s is None or event.eta_s <= LONG_RUN_S:
+            return None
+        self._asked_long = True
+        return f"This segmentation will take {self.time_left()}. Go on? (Cancel stops it; nothing is changed.)"
 
     @property
     def finished(self) -> bool:

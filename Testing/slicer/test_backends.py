@@ -291,3 +291,26 @@ def test_cancel_wins_over_a_result_not_yet_polled_and_job_folders_do_not_stay(sc
     assert (folder / "volume.npy").is_file() or task._process.poll() is not None
     task.close()  # the scene closes: the run is dropped without being polled again
     assert task.finished and task.cancelled and not folder.exists()
+
+
+def test_the_panel_shows_the_time_left_and_asks_once_about_a_long_run(tmp_path):
+    """What the panel's timer reads: the engine's estimate (here a stand-in: 37 s per slice, 300 slices
+    left on a CPU) as text, and one question when it is over ten minutes."""
+    task = ProcessTask({"action": "segment", "server": {"port_file": str(tmp_path / "never"), "startup_timeout": 60},
+                        "prompts": ["liver"], "options": OPTIONS.to_dict()},
+                       volume=Volume(make_phantom()))
+    try:
+        deadline = time.monotonic() + 30
+        while task.progress is None:  # the job process says it waits for the engine
+            assert time.monotonic() < deadline and not task.finished, task.error
+            time.sleep(0.02)
+        assert task.time_left() is None and task.long_run_question() is None
+        (task._folder / "progress.json").write_text(json.dumps(
+            {"done": 1, "total": 301, "stage": "segmenting slices", "eta_s": 37.0 * 300, "device": "cpu"}))
+        assert task.time_left().startswith("about 3 h 5 min on this computer; a GPU server")
+        question = task.long_run_question()
+        assert question.startswith("This segmentation will take about 3 h 5 min on this computer")
+        assert task.long_run_question() is None  # asked once
+    finally:
+        task.close()
+    assert task.cancelled

@@ -127,3 +127,22 @@ def test_console_script_is_installed_and_prints_help():
     assert exe.is_file(), "the medsam3 entry point is not installed next to this Python"
     out = subprocess.run([str(exe), "segment", "--help"], capture_output=True, text=True, check=True)
     assert "--prompt" in out.stdout and "--seg-nrrd" in out.stdout
+
+
+def test_the_time_left_is_estimated_after_one_slice_on_a_cpu(tmp_path, phantom, tiny_model_dir, monkeypatch, capsys):
+    """With a stand-in slice time of 37 s (the full-size model on 2 CPU cores), a 20-slice run is
+    announced as about 12 minutes, with the hint to use a GPU server."""
+    from MedicalSAM3Core.common import progress
+
+    volume = np.concatenate([phantom] * (20 // phantom.shape[0] + 1))[:20]
+    path = tmp_path / "ct20.nii.gz"
+    write_volume(volume, OBLIQUE, path)
+    ticks = iter(range(0, 10 ** 6, 37))
+    monkeypatch.setattr(progress, "_now", lambda: float(next(ticks)))  # each reading: 37 s later
+    code = cli.main(["segment", str(path), "-p", "liver", "--model", str(tiny_model_dir), "--mode", "slices",
+                     "--device", "cpu", "-o", str(tmp_path / "out.nii.gz"), *LOW])
+    assert code == 0
+    err = capsys.readouterr().err
+    # one slice done (the first batch on a CPU is one slice) in 37 s: 19 to go, 703 s
+    assert "medsam3: about 12 min on this computer; a GPU server takes seconds" in err
+    assert err.count("medsam3: about") == 1

@@ -129,7 +129,9 @@ def test_progress_is_reported_and_cancel_stops_within_a_batch(segmenter, phantom
     events = []
     segmenter.segment(Volume(phantom, modality="CT"), ["liver"], SegmentOptions(mode="slices", batch_size=2, **LOW),
                       progress=events.append)
-    assert [e.done for e in events] == [2, 4, 6, 8, 10] and events[-1].total == 10
+    # on a CPU the first batch is one slice, so the time left is known after one slice
+    assert [e.done for e in events] == [1, 3, 5, 7, 9, 10] and events[-1].total == 10
+    assert all(e.eta_s is not None for e in events) and events[-1].eta_s == 0
 
     token, seen = CancelToken(), []
 
@@ -140,7 +142,7 @@ def test_progress_is_reported_and_cancel_stops_within_a_batch(segmenter, phantom
     with pytest.raises(Cancelled):
         segmenter.segment(Volume(phantom, modality="CT"), ["liver"], SegmentOptions(mode="propagate", batch_size=2),
                           progress=cancel_after_first, cancel=token)
-    assert seen == [2]
+    assert seen == [1]
 
 
 def test_more_prompts_than_the_label_type_holds_is_refused(segmenter, phantom):
@@ -460,3 +462,22 @@ def test_concept_mask_thresholds_of_a_model_folder_are_validated(tiny_model_dir,
         (folder / "medsam3_preprocessing.json").write_text(json.dumps({"concept_mask_thresholds": bad}))
         with pytest.raises(ModelLoadError, match="concept_mask_thresholds must map concept names to numbers"):
             load_model(str(folder), device="cpu")
+
+
+def test_progress_estimates_the_time_left_from_the_work_done():
+    from MedicalSAM3Core.common.progress import ProgressTracker, eta_message, format_duration
+
+    now = [100.0]
+    events = []
+    tracker = ProgressTracker(300, events.append, clock=lambda: now[0])
+    now[0] += 37.0
+    tracker.advance(1, "segmenting slices")
+    assert events[-1].eta_s == pytest.approx(37.0 * 299)
+    assert eta_message(events[-1].eta_s, "cpu").startswith("about 3 h 4 min on this computer; a GPU server")
+    assert eta_message(120.0, "cuda:0") == "about 2 min on cuda:0"
+    assert eta_message(700.0, "cpu", server="https://box:8765") .startswith("about 12 min on the server https://box:8765;")
+    tracker.eta_total = 1000  # propagate: the sweeps are not counted yet
+    now[0] += 37.0
+    tracker.advance(1, "finding start slices")
+    assert events[-1].eta_s == pytest.approx(37.0 * 998)
+    assert [format_duration(s) for s in (3, 44, 600, 3600, 11400)] == ["3 s", "45 s", "10 min", "1 h", "3 h 10 min"]
