@@ -203,7 +203,7 @@ def _segment(args: argparse.Namespace) -> int:
     default_dictionary().resolve_all(prompts)  # refuse bad prompts before any heavy work
     output = args.output or _output_default(args.input)
     paths = OutputPaths.beside(output, seg_nrrd=args.seg_nrrd, overlay=args.overlay)
-    check_writable(paths, args.overwrite)
+    check_writable(paths, args.overwrite, inputs=[args.input])
     if args.server and args.model:
         raise InputError("--model and --server exclude each other: the server segments with the model it was "
                          "started with")

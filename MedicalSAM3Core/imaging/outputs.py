@@ -12,7 +12,7 @@ import os
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -51,8 +51,25 @@ class OutputPaths:
         return [p for p in (self.label_map, self.sidecar, self.seg_nrrd, self.overlay_png) if p is not None]
 
 
-def check_writable(paths: OutputPaths, overwrite: bool) -> None:
-    """Refuse before any work is done if an output exists (and ``overwrite`` is off)."""
+def _replaces_input(output: Path, source: Path) -> bool:
+    """Whether writing ``output`` would replace the input ``source`` (the same file, through any
+    spelling, symlink or hard link) or, for an input folder (a DICOM series), one of its files."""
+    if source.is_dir():
+        return output.exists() and output.resolve().is_relative_to(source.resolve())
+    if output.resolve() == source.resolve():
+        return True
+    return output.exists() and source.exists() and os.path.samefile(output, source)
+
+
+def check_writable(paths: OutputPaths, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
+    """Refuse before any work is done if an output would replace an input (whatever ``overwrite``
+    says: the scan is never lost) or exists (and ``overwrite`` is off)."""
+    for output in paths.all():
+        for source in map(Path, inputs):
+            if _replaces_input(output, source):
+                what = "a file of the input folder" if source.is_dir() else "the input"
+                raise InputError(f"output {output} would replace {what} {source}; choose another output name "
+                                 f"(-o): the input is never overwritten, even with --overwrite")
     existing = [str(p) for p in paths.all() if p.exists()]
     if existing and not overwrite:
         raise InputError(f"output file(s) already exist: {', '.join(existing)} (use --overwrite to replace them)")

@@ -146,3 +146,22 @@ def test_the_time_left_is_estimated_after_one_slice_on_a_cpu(tmp_path, phantom, 
     # one slice done (the first batch on a CPU is one slice) in 37 s: 19 to go, 703 s
     assert "medsam3: about 12 min on this computer; a GPU server takes seconds" in err
     assert err.count("medsam3: about") == 1
+
+
+def test_the_input_scan_is_never_replaced_by_an_output_even_with_overwrite(tmp_path, ct_file, tiny_model_dir,
+                                                                           capsys):
+    """Issue #30, item 5: ``-o in.nii.gz --overwrite`` on ``in.nii.gz`` used to replace the CT."""
+    original = ct_file.read_bytes()
+    link = tmp_path / "link.nii.gz"
+    link.symlink_to(ct_file)
+    series = tmp_path / "series"  # a DICOM folder: its files are the scan
+    series.mkdir()
+    (series / "IM0001").write_bytes(b"a slice")
+    cases = [(ct_file, ct_file), (ct_file, tmp_path / "." / ct_file.name), (ct_file, link),
+             (series, series / "IM0001")]
+    for source, out in cases:
+        code = cli.main(["segment", str(source), "-p", "liver", "-o", str(out), "--model", str(tiny_model_dir),
+                         "--quiet", "--mode", "slices", "--overwrite"])
+        err = capsys.readouterr().err
+        assert code == 2 and "would replace" in err and "never overwritten" in err, (out, err)
+    assert ct_file.read_bytes() == original and (series / "IM0001").read_bytes() == b"a slice"
