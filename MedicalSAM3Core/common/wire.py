@@ -37,7 +37,7 @@ import json
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -155,7 +155,8 @@ def encode_result(result: SegmentationResult, compression: Optional[str] = None)
 
 
 # -- decoding ------------------------------------------------------------------------------------
-def _unpack(body: bytes | bytearray, expected_format: str, max_raw_bytes: int) -> tuple[dict, list[tuple[dict, np.ndarray]]]:
+def _unpack(body: bytes | bytearray, expected_format: str, max_raw_bytes: int,
+            check_arrays: Optional[Callable[[list[dict]], None]] = None) -> tuple[dict, list[tuple[dict, np.ndarray]]]:
     view = memoryview(body)
     if len(view) < 12 or bytes(view[:8]) != MAGIC:
         raise InputError("not a MedicalSAM3 message (bad magic bytes); send what wire.encode_request writes")
@@ -188,7 +189,7 @@ def _unpack(body: bytes | bytearray, expected_format: str, max_raw_bytes: int) -
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise InputError("each entry of 'arrays' needs a name, dtype and shape")
         dtype, shape = spec.get("dtype"), spec.get("shape")
-        if dtype not in _ALL_DTYPES:
+        if not isinstance(dtype, str) or dtype not in _ALL_DTYPES:
             raise InputError(f"array {spec['name']!r}: voxel type {dtype!r} is not accepted; use one of "
                              f"{', '.join(VOLUME_DTYPES)}")
         if not isinstance(shape, list) or not shape or not all(
@@ -204,6 +205,8 @@ def _unpack(body: bytes | bytearray, expected_format: str, max_raw_bytes: int) -
     total = sum(sizes)
     if total > max_raw_bytes:
         raise InputError(f"arrays need {total} bytes, more than the {max_raw_bytes}-byte limit")
+    if check_arrays is not None:  # what the header claims is checked before anything is decompressed
+        check_arrays(specs)
     payload = view[12 + head_len:]
     if compression == "zstd":
         raw = _zstd_decompress(payload, total)
@@ -254,29 +257,53 @@ def _zstd_decompress(payload: memoryview, total: int) -> bytes:
     return raw
 
 
+#: Largest voxel spacing and origin coordinate (mm) a request may carry: beyond any scanner, and far
+#: from overflowing the volumes in ml and the JSON written at the end of a job.
+MAX_SPACING_MM, MAX_COORDINATE_MM = 1e4, 1e7
+
+
 def _geometry(data) -> Geometry:
     if not isinstance(data, dict) or not all(k in data for k in ("spacing", "origin", "direction")):
         raise InputError("geometry must be an object with spacing, origin and direction")
     try:
-        return Geometry.from_dict(data)
+        geometry = Geometry.from_dict(data)
     except (TypeError, ValueError, OverflowError) as error:
         raise InputError(f"geometry is malformed: {error}") from None
+    if max(geometry.spacing) > MAX_SPACING_MM or max(abs(o) for o in geometry.origin) > MAX_COORDINATE_MM:
+        raise InputError(f"geometry is implausible: spacing {list(geometry.spacing)} mm, origin "
+                         f"{list(geometry.origin)} mm (at most {MAX_SPACING_MM:g} mm and {MAX_COORDINATE_MM:g} mm)")
+    matrix = geometry.direction_matrix
+    if not np.allclose(matrix @ matrix.T, np.eye(3), atol=1e-3):
+        raise InputError("direction matrix is not orthonormal (its rows must be unit vectors at right angles; "
+                         "a scaling or shear belongs in the spacing)")
+    return geometry
+
+
+def _volume_spec_checker(limits: Limits) -> Callable[[list[dict]], None]:
+    """Checks a request's array list against ``limits`` from the header alone (before decompression:
+    a small body must not decompress into more than the server accepts)."""
+
+    def check(specs: list[dict]) -> None:
+        if len(specs) != 1 or specs[0]["name"] != "volume":
+            raise InputError("a request carries exactly one array, named 'volume'")
+        dtype, shape = specs[0]["dtype"], specs[0]["shape"]
+        if dtype not in VOLUME_DTYPES:
+            raise InputError(f"voxel type {dtype!r} is not accepted; use one of {', '.join(VOLUME_DTYPES)}")
+        if len(shape) != 3:
+            raise InputError(f"the volume must be 3D (z, y, x), got shape {list(shape)}")
+        if int(np.prod(shape, dtype=np.int64)) > limits.max_voxels or max(shape) > limits.max_dim:
+            raise InputError(f"volume shape {list(shape)} exceeds this server's limits "
+                             f"({limits.max_voxels} voxels, {limits.max_dim} per axis)")
+
+    return check
 
 
 def decode_request(body: bytes | bytearray, limits: Limits = Limits()) -> JobRequest:
-    """Parse and validate a request body; raises :class:`InputError` naming the first problem."""
+    """Parse and validate a request body; raises :class:`InputError` naming the first problem.
+    The array's type, dimensions and size are checked from the header before decompression."""
     max_bytes = limits.max_voxels * 8
-    header, arrays = _unpack(body, "medsam3-request", max_bytes)
-    if len(arrays) != 1 or arrays[0][0]["name"] != "volume":
-        raise InputError("a request carries exactly one array, named 'volume'")
+    header, arrays = _unpack(body, "medsam3-request", max_bytes, _volume_spec_checker(limits))
     spec, array = arrays[0]
-    if spec["dtype"] not in VOLUME_DTYPES:
-        raise InputError(f"voxel type {spec['dtype']!r} is not accepted; use one of {', '.join(VOLUME_DTYPES)}")
-    if len(array.shape) != 3:
-        raise InputError(f"the volume must be 3D (z, y, x), got shape {list(array.shape)}")
-    if array.size > limits.max_voxels or max(array.shape) > limits.max_dim:
-        raise InputError(f"volume shape {list(array.shape)} exceeds this server's limits "
-                         f"({limits.max_voxels} voxels, {limits.max_dim} per axis)")
     prompts = header.get("prompts")
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise InputError("prompts must be a list of strings")

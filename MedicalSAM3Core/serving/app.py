@@ -19,6 +19,7 @@ The client never names a file on the server: volumes travel in the request body 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -34,6 +35,9 @@ from .. import __version__
 from ..common.errors import InputError
 from ..common.wire import MEDIA_TYPE, WIRE_VERSION, Limits, decode_request
 from .jobs import JobManager, QueueFull, RunJob
+
+#: Request bodies decoded at the same time (each may expand to a whole volume in memory).
+MAX_CONCURRENT_DECODES = 2
 
 log = logging.getLogger("medsam3.server")
 API_VERSION = 1
@@ -55,6 +59,7 @@ def create_app(run: RunJob, config: ServerConfig, info: Optional[dict] = None) -
     """The FastAPI application. ``run`` segments one :class:`JobRequest` (the model lives in it);
     ``info`` adds model id / device / GPU memory to ``/v1/info`` (a callable or a dict)."""
     manager = JobManager(run, queue_size=config.queue_size, result_ttl=config.result_ttl)
+    decoding = asyncio.Semaphore(MAX_CONCURRENT_DECODES)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -107,9 +112,13 @@ def create_app(run: RunJob, config: ServerConfig, info: Optional[dict] = None) -
             body += chunk
             if len(body) > config.max_body_bytes:
                 raise HTTPException(413, f"request body exceeds this server's limit of {config.max_body_bytes} bytes")
+        if not manager.has_room():  # refused before decoding: a queued job holds its decoded volume
+            raise HTTPException(429, f"the queue is full ({manager.queue_size} jobs waiting); retry later",
+                                headers={"Retry-After": str(config.retry_after)})
         started = time.perf_counter()
         try:
-            job_request = await run_in_threadpool(decode_request, body, config.limits)
+            async with decoding:  # a few decodes at a time: each may expand to a whole volume
+                job_request = await run_in_threadpool(decode_request, body, config.limits)
         except InputError as error:
             raise HTTPException(422, f"malformed request: {error}") from None
         client = request.client.host if request.client else "?"

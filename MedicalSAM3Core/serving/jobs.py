@@ -64,7 +64,9 @@ class JobManager:
         if queue_size < 1:
             raise ValueError("queue_size must be >= 1")
         self._run = run
-        self._queue: queue.Queue[Optional[str]] = queue.Queue(maxsize=queue_size)
+        # unbounded: the capacity counts the jobs still queued, so a cancelled or deleted queued job frees
+        # its slot at once (its id left in the queue is skipped by the worker)
+        self._queue: queue.Queue[Optional[str]] = queue.Queue()
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._ttl = result_ttl
@@ -85,15 +87,7 @@ class JobManager:
                 if job.state in ("queued", "running"):
                     job.cancel.cancel()
         if self._worker is not None:
-            while True:  # make room for the stop sentinel
-                try:
-                    self._queue.put_nowait(None)
-                    break
-                except queue.Full:
-                    try:
-                        self._queue.get_nowait()
-                    except queue.Empty:
-                        pass
+            self._queue.put_nowait(None)
             self._worker.join(timeout)
             self._worker = None
 
@@ -102,15 +96,22 @@ class JobManager:
         self.expire()
         job = Job(id=secrets.token_urlsafe(16), client=client, request=request, body_bytes=body_bytes)
         with self._lock:
-            try:
-                self._queue.put_nowait(job.id)
-            except queue.Full:
-                raise QueueFull(f"the queue is full ({self.queue_size} jobs waiting); retry later") from None
+            if self._queued_locked() >= self.queue_size:
+                raise QueueFull(f"the queue is full ({self.queue_size} jobs waiting); retry later")
             self._jobs[job.id] = job
+            self._queue.put_nowait(job.id)
         log.info("job %s submitted by %s: volume %s %s, %d bytes on the wire, prompts %s, mode %s",
                  job.id, client, list(request.volume.shape), request.volume.array.dtype, body_bytes,
                  request.prompts, request.options.mode)
         return job
+
+    def _queued_locked(self) -> int:
+        return sum(job.state == "queued" for job in self._jobs.values())
+
+    def has_room(self) -> bool:
+        """Whether a job submitted now would be queued (checked before a body is decoded)."""
+        with self._lock:
+            return self._queued_locked() < self.queue_size
 
     def get(self, job_id: str) -> Optional[Job]:
         self.expire()
@@ -129,6 +130,8 @@ class JobManager:
     def delete(self, job_id: str) -> bool:
         with self._lock:
             job = self._jobs.pop(job_id, None)
+            if job is not None and job.state == "queued":
+                self._finish(job, "cancelled", error="deleted before it started")
         if job is None:
             return False
         job.cancel.cancel()

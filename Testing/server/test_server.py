@@ -17,7 +17,7 @@ from MedicalSAM3Core.common.errors import Cancelled, InputError
 from MedicalSAM3Core.common.options import SegmentOptions
 from MedicalSAM3Core.common.progress import CancelToken
 from MedicalSAM3Core.common.volume import Geometry, Volume
-from MedicalSAM3Core.common.wire import MAGIC, MEDIA_TYPE, encode_request
+from MedicalSAM3Core.common.wire import MAGIC, MEDIA_TYPE, Limits, decode_request, encode_request
 from MedicalSAM3Core.inference.engine import Segmenter
 from MedicalSAM3Core.serving.app import ServerConfig
 
@@ -440,3 +440,94 @@ def test_tls_with_a_self_signed_certificate(tmp_path, tiny_model):
             Client(url, token=TOKEN).info()  # not trusted without the CA
         with pytest.raises(ServerUnreachable):
             Client(url.replace("https", "http"), token=TOKEN, timeout=5).info()
+
+
+def _bomb(voxels_mib: int) -> bytes:
+    """A small zstd body whose header claims ``voxels_mib`` MiB of uint8 zeros (they compress to nothing)."""
+    return encode_request(Volume(np.zeros((voxels_mib, 1024, 1024), np.uint8)), ["liver"], compression="zstd")
+
+
+def test_cancelled_or_deleted_queued_jobs_free_their_slot_at_once():
+    gate, ran = threading.Event(), []
+
+    def run(request, progress, cancel):
+        ran.append(request.prompts[0])
+        gate.wait(30)
+        from MedicalSAM3Core.common.result import SegmentationResult
+
+        return SegmentationResult(np.zeros(request.volume.shape, np.uint8), request.volume.geometry, [])
+
+    with running_server(run, ServerConfig(queue_size=1)) as (url, _):
+        client = Client(url)
+        _post(url, encode_request(_volume(2), ["first"]))
+        deadline = time.monotonic() + 10
+        while not ran and time.monotonic() < deadline:
+            time.sleep(0.02)
+        second = _post(url, encode_request(_volume(2), ["second"])).json()["job_id"]
+        assert _post(url, encode_request(_volume(2), ["third"])).status_code == 429
+        client.cancel(second)  # the slot is free now, not when the running job ends
+        third = _post(url, encode_request(_volume(2), ["third"]))
+        assert third.status_code == 202 and client.info()["queue"]["queued"] == 1
+        client.delete(third.json()["job_id"])
+        assert _post(url, encode_request(_volume(2), ["fourth"])).status_code == 202
+        gate.set()
+        deadline = time.monotonic() + 10
+        while len(ran) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert ran == ["first", "fourth"]
+
+
+def test_small_bodies_claiming_big_volumes_do_not_fill_the_servers_memory():
+    """Issue #30 item 1: a body of a few KB claiming hundreds of MiB is refused from its header when it
+    exceeds the limits, and is never decoded while the queue is full; memory stays flat."""
+    import tracemalloc
+
+    gate = threading.Event()
+
+    def run(request, progress, cancel):
+        gate.wait(30)
+        raise RuntimeError("not reached in this test")
+
+    bomb = _bomb(64)
+    assert len(bomb) < 100_000
+    config = ServerConfig(queue_size=1, max_body_bytes=5 << 20, limits=Limits(max_voxels=32 << 20))
+    with running_server(run, config) as (url, _):
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(4):  # more voxels than this server accepts: refused before decompressing
+                response = _post(url, bomb)
+                assert response.status_code == 422 and "exceeds this server's limits" in response.json()["detail"]
+            assert tracemalloc.get_traced_memory()[1] - before < 20 << 20
+        finally:
+            tracemalloc.stop()
+    small = _bomb(16)  # within the limits; the queue is full: refused before decoding
+    with running_server(run, ServerConfig(queue_size=1)) as (url, _):
+        assert _post(url, encode_request(_volume(2), ["first"])).status_code == 202  # runs (waits at the gate)
+        assert _post(url, encode_request(_volume(2), ["second"])).status_code == 202  # queued: the queue is full
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(4):
+                assert _post(url, small).status_code == 429
+            assert tracemalloc.get_traced_memory()[1] - before < 8 << 20  # 16 MiB each if they were decoded
+        finally:
+            tracemalloc.stop()
+            gate.set()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda h: h["arrays"][0].update(dtype=[]), "voxel type"),
+    (lambda h: h["arrays"][0].update(dtype={}), "voxel type"),
+    (lambda h: h["geometry"].update(direction=[1, 0.5, 0, 0, 1, 0, 0, 0, 1]), "orthonormal"),
+    (lambda h: h["geometry"].update(direction=[2, 0, 0, 0, 0.5, 0, 0, 0, 1]), "orthonormal"),
+    (lambda h: h["geometry"].update(spacing=[1e200, 1, 1]), "implausible"),
+])
+def test_malformed_headers_are_named_not_500(change, message):
+    body = encode_request(_volume(2), ["liver"], compression="none")
+    head_len = struct.unpack("<I", body[8:12])[0]
+    header = json.loads(body[12:12 + head_len])
+    change(header)
+    head = json.dumps(header).encode()
+    with pytest.raises(InputError, match=message):
+        decode_request(MAGIC + struct.pack("<I", len(head)) + head + body[12 + head_len:])
