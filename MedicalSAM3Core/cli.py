@@ -245,7 +245,7 @@ def _segment(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .common.wire import Limits
     from .serving.app import ServerConfig
-    from .serving.serve import ServeSettings, build_server, check_settings, read_token
+    from .serving.serve import ServeSettings, build_server, check_settings, read_token, settings_warnings
 
     logging.getLogger("medsam3.server").setLevel(logging.INFO)
     config = ServerConfig(token=read_token(args.token_file), max_body_bytes=int(args.max_body_mb * 1024 * 1024),
@@ -255,6 +255,8 @@ def _serve(args: argparse.Namespace) -> int:
                              dtype=args.dtype, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
                              config=config)
     check_settings(settings)  # refuse unsafe settings before loading a model
+    for warning in settings_warnings(settings, args.token_file):
+        print(f"medsam3: warning: {warning}", file=sys.stderr)
     if args.queue_size < 1:
         raise InputError("--queue-size must be at least 1")
     settings.model = args.model or default_model()

@@ -19,6 +19,7 @@ import time
 from typing import Callable, Optional, Sequence
 from urllib.parse import urlparse
 
+import numpy as np
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
@@ -188,11 +189,15 @@ class Client:
         if response.status_code not in (204, 404):
             self._check(response)
 
-    def result(self, job_id: str) -> SegmentationResult:
+    def result(self, job_id: str, max_bytes: int = 1 << 36) -> SegmentationResult:
+        """The job's result; a reply that would decode to more than ``max_bytes`` is refused."""
         response = self._request("GET", f"/v1/jobs/{job_id}/result")
         if response.status_code == 409:
             raise JobFailed(self._detail(response))
-        return decode_result(self._check(response).content)
+        try:
+            return decode_result(self._check(response).content, max_bytes=max_bytes)
+        except MedSAM3Error as error:
+            raise ServerError(f"the server's result is unusable: {error}") from None
 
     def segment(self, volume: Volume, prompts: Sequence[str], options: Optional[SegmentOptions] = None,
                 progress: Optional[Callable[[ProgressEvent], None]] = None,
@@ -214,7 +219,7 @@ class Client:
                     progress(event)
                     last = event
                 if status["state"] == "done":
-                    result = self.result(job_id)
+                    result = self.result(job_id, max_bytes=result_bytes_for(volume.shape, len(prompts)))
                     break
                 if status["state"] == "cancelled":
                     raise Cancelled(f"the job was cancelled on the server: {status.get('error')}")
@@ -230,6 +235,13 @@ class Client:
             raise ServerError(f"the server returned a result on another grid ({result.shape}) than the volume "
                               f"sent ({volume.shape}); refusing it")
         return result
+
+
+def result_bytes_for(shape: Sequence[int], n_prompts: int) -> int:
+    """The most a result for a volume of ``shape`` and ``n_prompts`` prompts decodes to: a label map
+    of up to 2 bytes per voxel and one bit-packed mask per prompt (a larger reply is refused)."""
+    voxels = int(np.prod(shape, dtype=np.int64))
+    return 2 * voxels + n_prompts * (voxels // 8 + 1) + (1 << 16)
 
 
 def version_mismatch_message(url: str, info: dict) -> str:

@@ -30,6 +30,7 @@ from typing import Optional
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..common.errors import InputError
@@ -108,10 +109,14 @@ def create_app(run: RunJob, config: ServerConfig, info: Optional[dict] = None) -
             raise HTTPException(413, f"request body of {declared} bytes exceeds this server's limit of "
                                      f"{config.max_body_bytes} bytes")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > config.max_body_bytes:
-                raise HTTPException(413, f"request body exceeds this server's limit of {config.max_body_bytes} bytes")
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > config.max_body_bytes:
+                    raise HTTPException(413, f"request body exceeds this server's limit of {config.max_body_bytes} bytes")
+        except ClientDisconnect:  # the client went away mid-upload: nothing to answer, nothing to log loudly
+            log.info("a client disconnected during its upload (%d bytes received)", len(body))
+            return Response(status_code=400)
         if not manager.has_room():  # refused before decoding: a queued job holds its decoded volume
             raise HTTPException(429, f"the queue is full ({manager.queue_size} jobs waiting); retry later",
                                 headers={"Retry-After": str(config.retry_after)})

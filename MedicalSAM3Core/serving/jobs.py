@@ -163,7 +163,11 @@ class JobManager:
 
     def _work(self) -> None:
         while True:
-            job_id = self._queue.get()
+            try:  # wakes up now and then to free expired results even when no request comes
+                job_id = self._queue.get(timeout=max(0.05, min(60.0, self._ttl / 2)))
+            except queue.Empty:
+                self.expire()
+                continue
             if job_id is None:
                 return
             with self._lock:

@@ -28,7 +28,7 @@ from ..common.wire import JobRequest
 from .app import ServerConfig, create_app
 
 log = logging.getLogger("medsam3.server")
-MIN_TOKEN_CHARS = 16
+MIN_TOKEN_CHARS = 24  # 'medsam3 token' writes 43 (256 bits); fewer characters are too easy to guess
 
 
 def read_token(token_file: Optional[Path]) -> Optional[str]:
@@ -84,6 +84,22 @@ def check_settings(settings: ServeSettings) -> None:
             raise InputError(f"TLS file not found: {path}")
     if not 0 <= settings.port <= 65535:
         raise InputError(f"port must be in 0..65535, got {settings.port}")
+
+
+def settings_warnings(settings: ServeSettings, token_file: Optional[Path] = None) -> list[str]:
+    """What is allowed but unsafe, said when the server starts: a token file other users can read,
+    and tokens and images sent without TLS to a server that listens beyond this computer."""
+    warnings = []
+    if token_file is not None and os.name == "posix":
+        mode = Path(token_file).stat().st_mode
+        if mode & 0o077:
+            warnings.append(f"the token file {token_file} can be read by other users (mode {oct(mode & 0o777)}); "
+                            f"run: chmod 600 {token_file}")
+    if not is_loopback(settings.host) and not settings.ssl_certfile:
+        warnings.append(f"listening on {settings.host} without TLS: the token and the images travel unencrypted; "
+                        "pass --ssl-certfile/--ssl-keyfile or put an https reverse proxy in front "
+                        "(README: Run on a GPU server)")
+    return warnings
 
 
 def engine_runner(model) -> Callable[[JobRequest, Callable[[ProgressEvent], None], CancelToken], object]:

@@ -531,3 +531,72 @@ def test_malformed_headers_are_named_not_500(change, message):
     head = json.dumps(header).encode()
     with pytest.raises(InputError, match=message):
         decode_request(MAGIC + struct.pack("<I", len(head)) + head + body[12 + head_len:])
+
+
+def test_finished_results_expire_on_a_timer_without_any_request():
+    from MedicalSAM3Core.common.result import SegmentationResult
+    from MedicalSAM3Core.common.wire import JobRequest
+    from MedicalSAM3Core.serving.jobs import JobManager
+
+    def run(request, progress, cancel):
+        return SegmentationResult(np.zeros(request.volume.shape, np.uint8), request.volume.geometry, [])
+
+    manager = JobManager(run, queue_size=2, result_ttl=0.2)
+    manager.start()
+    try:
+        job = manager.submit(JobRequest(_volume(2), ["liver"]), "test", 1)
+        deadline = time.monotonic() + 10
+        while manager._jobs and time.monotonic() < deadline:  # no get(), no submit(): only the timer
+            time.sleep(0.05)
+        assert job.finished is not None and manager._jobs == {}
+    finally:
+        manager.stop()
+
+
+def test_the_client_refuses_a_reply_bigger_than_what_it_asked_for():
+    from MedicalSAM3Core.common.client import ServerError
+    from MedicalSAM3Core.common.result import SegmentationResult
+
+    def run(request, progress, cancel):  # a hostile server: a tiny volume in, 64 MiB of zeros out
+        return SegmentationResult(np.zeros((64, 1024, 1024), np.uint8), request.volume.geometry, [])
+
+    with running_server(run, ServerConfig()) as (url, _):
+        with pytest.raises(ServerError, match="unusable.*limit"):
+            Client(url, poll_interval=0.05).segment(_volume(2), ["liver"])
+
+
+def test_a_client_leaving_mid_upload_is_one_line_in_the_log(caplog):
+    import logging
+    import socket
+    from urllib.parse import urlparse
+
+    with running_server(lambda *a: None, ServerConfig()) as (url, _):
+        address = urlparse(url)
+        with caplog.at_level(logging.INFO):
+            with socket.create_connection((address.hostname, address.port), timeout=5) as sock:
+                sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/vnd.medsam3\r\n"
+                             b"Content-Length: 100000\r\n\r\n" + b"x" * 1000)
+            deadline = time.monotonic() + 5
+            while "disconnected during its upload" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert "disconnected during its upload" in caplog.text
+        assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert Client(url).health()["status"] == "ok"
+
+
+def test_unsafe_serving_settings_are_said_and_short_tokens_refused(tmp_path):
+    import os
+
+    from MedicalSAM3Core.serving.serve import ServeSettings, read_token, settings_warnings
+
+    short = tmp_path / "short"
+    short.write_text("0123456789abcdefghij\n")  # 20 characters
+    with pytest.raises(InputError, match="too short"):
+        read_token(short)
+    token_file = tmp_path / "token"
+    token_file.write_text("x" * 43 + "\n")
+    os.chmod(token_file, 0o644)
+    warnings = settings_warnings(ServeSettings(model="m", host="0.0.0.0"), token_file)
+    assert any("chmod 600" in w for w in warnings) and any("without TLS" in w for w in warnings)
+    os.chmod(token_file, 0o600)
+    assert settings_warnings(ServeSettings(model="m", host="127.0.0.1"), token_file) == []
