@@ -14,9 +14,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
+
+import numpy as np
 
 from . import __version__
 from .common.errors import InputError, MedSAM3Error, ModelLoadError
@@ -150,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = None
+    if args.command == "segment" and threading.current_thread() is threading.main_thread():
+        # SIGTERM (a scheduler's kill, a closed terminal) cleans up like Ctrl-C: nothing partial is left
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="medsam3: %(levelname)s: %(message)s")
     logging.getLogger("urllib3").setLevel(logging.ERROR)  # its retry warnings; our errors say what failed
     try:
@@ -193,6 +209,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 2
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def _segment(args: argparse.Namespace) -> int:
     from .imaging.io import read_volume
     from .imaging.outputs import OutputPaths, check_writable, write_result
@@ -201,6 +221,11 @@ def _segment(args: argparse.Namespace) -> int:
         raise InputError("empty prompt: give a structure name such as 'liver'")
     prompts = [p for text in args.prompt for p in split_prompt_text(text)]
     default_dictionary().resolve_all(prompts)  # refuse bad prompts before any heavy work
+    from .inference.merging import label_capacity
+
+    if len(prompts) > label_capacity(np.dtype(args.label_type)):
+        raise InputError(f"{len(prompts)} prompts do not fit a {args.label_type} label map (at most "
+                         f"{label_capacity(np.dtype(args.label_type))}); use --label-type uint16")
     output = args.output or _output_default(args.input)
     paths = OutputPaths.beside(output, seg_nrrd=args.seg_nrrd, overlay=args.overlay)
     check_writable(paths, args.overwrite, inputs=[args.input])

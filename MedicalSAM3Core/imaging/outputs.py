@@ -24,6 +24,12 @@ from ..common.volume import Volume
 from .io import image_from_array, staged_file, write_image
 
 
+#: Label-map formats that hold a volume in one file: written whole under a temporary name and renamed,
+#: so an output appears complete or not at all (.mhd/.nhdr point at a second data file; .png and the
+#: like hold one slice).
+LABEL_MAP_FORMATS = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
 @dataclass
 class OutputPaths:
     """Where the outputs of one segmentation go (``None`` = not written)."""
@@ -38,7 +44,7 @@ class OutputPaths:
         """Sidecar (and optionally .seg.nrrd / .png) named after the label map."""
         label_map = Path(label_map)
         name = label_map.name
-        for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+        for ext in LABEL_MAP_FORMATS + (".mhd", ".nhdr"):
             if name.lower().endswith(ext):
                 name = name[: -len(ext)]
                 break
@@ -70,6 +76,9 @@ def check_writable(paths: OutputPaths, overwrite: bool, inputs: Sequence[Path] =
                 what = "a file of the input folder" if source.is_dir() else "the input"
                 raise InputError(f"output {output} would replace {what} {source}; choose another output name "
                                  f"(-o): the input is never overwritten, even with --overwrite")
+    if not paths.label_map.name.lower().endswith(LABEL_MAP_FORMATS):
+        raise InputError(f"cannot write the label map as {paths.label_map.name!r}: use one of "
+                         f"{', '.join(LABEL_MAP_FORMATS)} (a format that holds the whole volume in one file)")
     existing = [str(p) for p in paths.all() if p.exists()]
     if existing and not overwrite:
         raise InputError(f"output file(s) already exist: {', '.join(existing)} (use --overwrite to replace them)")

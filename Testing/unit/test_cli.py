@@ -165,3 +165,46 @@ def test_the_input_scan_is_never_replaced_by_an_output_even_with_overwrite(tmp_p
         err = capsys.readouterr().err
         assert code == 2 and "would replace" in err and "never overwritten" in err, (out, err)
     assert ct_file.read_bytes() == original and (series / "IM0001").read_bytes() == b"a slice"
+
+
+@pytest.mark.parametrize("name", ["out.nhdr", "out.mhd", "out.png", "out.txt", "out.jpg", "out"])
+def test_only_one_file_volume_formats_are_accepted_before_any_work(tmp_path, ct_file, capsys, name):
+    """Issue #30 items 6 and 7: checked before the model loads (the model here does not even exist)."""
+    out = tmp_path / "result" / name
+    code = cli.main(["segment", str(ct_file), "-p", "liver", "--model", str(tmp_path / "no_model"), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot write the label map" in err and ".nii.gz" in err, err
+    assert not out.parent.exists()
+
+
+def test_too_many_prompts_for_the_label_type_are_refused_before_the_model_loads(tmp_path, ct_file, capsys):
+    prompts = ",".join(f"structure {i}" for i in range(256))
+    code = cli.main(["segment", str(ct_file), "-p", prompts, "--model", str(tmp_path / "no_model"),
+                     "-o", str(tmp_path / "out.nii.gz")])
+    assert code == 2 and "do not fit a uint8" in capsys.readouterr().err
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path, phantom, tiny_model_dir):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "long.nii.gz"
+    write_volume(np.concatenate([phantom] * 40), OBLIQUE, path)
+    out = tmp_path / "out" / "seg.nii.gz"
+    process = subprocess.Popen([sys.executable, "-m", "MedicalSAM3Core", "segment", str(path), "-p", "liver",
+                                "--model", str(tiny_model_dir), "--mode", "slices", "--batch-size", "1",
+                                "-o", str(out), "--seg-nrrd"], stderr=subprocess.PIPE, text=True)
+    try:
+        line, deadline = "", time.monotonic() + 120
+        while "medsam3: about" not in line:  # the run is under way (its first slice is done)
+            line = process.stderr.readline()
+            assert line and time.monotonic() < deadline, "the run did not start"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 130
+        assert "cancelled; no output written" in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not out.parent.exists() or _files(out.parent) == []
