@@ -303,7 +303,7 @@ def decode_request(body: bytes | bytearray, limits: Limits = Limits()) -> JobReq
     The array's type, dimensions and size are checked from the header before decompression."""
     max_bytes = limits.max_voxels * 8
     header, arrays = _unpack(body, "medsam3-request", max_bytes, _volume_spec_checker(limits))
-    spec, array = arrays[0]
+    _, array = arrays[0]
     prompts = header.get("prompts")
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise InputError("prompts must be a list of strings")

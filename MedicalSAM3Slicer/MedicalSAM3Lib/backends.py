@@ -139,9 +139,12 @@ class LocalServer:
         """Why the child is no longer running (with the last lines of its log), or None while it runs."""
         if self.running or self._folder is None:
             return None
+        return self._stopped("the local Medical SAM3 engine stopped")
+
+    def _stopped(self, what: str) -> BackendError:
+        """``what``, the last lines of the engine's log and a hint at the likely fix."""
         tail = self.log_tail()
-        return BackendError("the local Medical SAM3 engine stopped" + (f":\n{tail}" if tail else "")
-                            + _install_hint(tail))
+        return BackendError(what + (f":\n{tail}" if tail else "") + _install_hint(tail))
 
     def client(self, cancel: Optional[CancelToken] = None) -> Client:
         """A client of the running server, starting it first if needed (blocks while the model loads:
@@ -171,10 +174,9 @@ class LocalServer:
         deadline = time.monotonic() + self.startup_timeout
         while not self.port_file.is_file():
             if self._process.poll() is not None:
-                tail = self.log_tail()
+                error = self._stopped("the local Medical SAM3 engine stopped while starting")
                 self._stop_locked()
-                raise BackendError("the local Medical SAM3 engine stopped while starting"
-                                   + (f":\n{tail}" if tail else "") + _install_hint(tail))
+                raise error
             if cancel is not None and cancel.cancelled:
                 self._stop_locked()
                 raise Cancelled("cancelled while the local engine was starting")
