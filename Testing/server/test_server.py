@@ -21,7 +21,7 @@ from MedicalSAM3Core.common.wire import MAGIC, MEDIA_TYPE, Limits, decode_reques
 from MedicalSAM3Core.inference.engine import Segmenter
 from MedicalSAM3Core.serving.app import ServerConfig
 
-from harness import TOKEN, running_server
+from harness import TOKEN, running_server, self_signed_certificate
 
 OPTIONS = dict(score_threshold=0.2, new_object_threshold=0.22)
 OBLIQUE = Geometry(spacing=(0.8, 0.9, 2.5), origin=(-120.0, 35.5, 410.0),
@@ -317,6 +317,15 @@ def test_refuses_public_bind_without_token(tmp_path):
     assert main(["serve", "--host", "0.0.0.0", "--token-file", str(short)]) == 2
 
 
+@pytest.mark.parametrize("option", [["--header-timeout", "0"], ["--keep-alive-timeout", "nan"],
+                                    ["--max-connections", "0"]])
+def test_serve_refuses_bad_connection_limits_with_exit_2(option, tmp_path, capsys):
+    from MedicalSAM3Core.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "missing"), *option]) == 2
+    assert option[0] in capsys.readouterr().err
+
+
 def test_token_command(tmp_path):
     from MedicalSAM3Core.cli import main
 
@@ -418,17 +427,9 @@ def test_gzip_only_client_gets_a_gzip_result_and_logs_hold_no_image_data(engine_
 
 def test_tls_with_a_self_signed_certificate(tmp_path, tiny_model):
     """uvicorn's TLS options as documented: the client verifies the server against the given CA."""
-    import shutil
-    import subprocess
-
     from MedicalSAM3Core.serving.serve import engine_runner
 
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl command not available to make a test certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    cert, key = self_signed_certificate(tmp_path)
     config = ServerConfig(token=TOKEN)
     with running_server(engine_runner(tiny_model), config, ssl_certfile=str(cert), ssl_keyfile=str(key)) as (url, _):
         assert url.startswith("https://")
