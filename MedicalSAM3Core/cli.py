@@ -5,8 +5,8 @@
     medsam3 serve --model DIR_OR_HUB_ID --host 0.0.0.0 --port 8765 --token-file token.txt
     medsam3 convert sam3.pt sam3_hf/ [--lora best_lora_weights.pt]
 
-Exit codes: 0 success, 2 bad input / model error (message names the problem), 130 cancelled
-with Ctrl-C. No output file is written unless all of them could be written.
+Exit codes: 0 success, 2 bad input / output / model error (one sentence names the problem), 130
+cancelled with Ctrl-C. No output file is written unless all of them could be written.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Segment every prompt through the volume and write a label map on the input "
                                      "grid, a JSON sidecar, and optionally a Slicer .seg.nrrd and a PNG overlay.")
     seg.add_argument("input", type=Path, help="NIfTI/NRRD/MHA file or a DICOM series folder")
+    seg.add_argument("--series", metavar="UID", help="DICOM folder: the SeriesInstanceUID to read (default: the "
+                                                     "folder's largest series; the error of a tie lists them all)")
     seg.add_argument("-p", "--prompt", action="append", required=True,
                      help="structure name, e.g. 'liver' (repeat, or separate with commas)")
     seg.add_argument("-m", "--model", help="model folder, hub id, or original .pt checkpoint (converted once, cached; "
@@ -78,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="propagate: detection score that starts a new track (default: the model's, 0.7)")
     seg.add_argument("--shared-anchor", action="store_true",
                      help="propagate: start all prompts at one slice instead of each at its own best slice")
-    seg.add_argument("--instances", choices=["best", "union"], default="best",
-                     help="per slice keep the best instance or the union of all above threshold")
+    seg.add_argument("--instances", choices=["best", "union"], default="union",
+                     help="union (default): every instance found above the threshold (both lungs, every "
+                          "vertebra); best: only the most confident instance per slice")
     seg.add_argument("--window", default="auto",
                      help="CT window: auto, soft_tissue, abdomen, lung, bone, brain (default auto)")
     seg.add_argument("--modality", default="auto", help="auto (file tag, else HU heuristic), CT, MR, ...")
@@ -116,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-body-mb", type=float, default=1024.0, help="largest accepted upload in MB (default 1024)")
     srv.add_argument("--max-voxels", type=int, default=1024 ** 3, help="largest accepted volume in voxels")
     srv.add_argument("--max-dim", type=int, default=4096, help="largest accepted size along one axis")
+    srv.add_argument("--header-timeout", type=float, default=10.0,
+                     help="seconds a client gets to send its request headers, and as many for a TLS handshake "
+                          "(default 10)")
+    srv.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                     help="seconds an idle kept-alive connection stays open (default 5)")
+    srv.add_argument("--max-connections", type=int, default=100,
+                     help="open connections; above it, the one waiting longest for a request is closed (default 100)")
     srv.add_argument("--port-file", type=Path, help="once listening, write the port to this file (with --port 0: "
                                                     "how a program that starts the server learns the port)")
     srv.add_argument("--exit-on-stdin-eof", action="store_true",
@@ -196,8 +206,10 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"{concept.name:24s} {', '.join(concept.synonyms)}")
             return 0
         if args.command == "make-tiny-model":
+            from .imaging.outputs import check_output_folder
             from .inference.tiny import build_tiny_model
 
+            check_output_folder(args.output)
             print(build_tiny_model(args.output, seed=args.seed))
             return 0
     except MedSAM3Error as error:
@@ -215,7 +227,7 @@ def _interrupt(signum, frame) -> None:
 
 def _segment(args: argparse.Namespace) -> int:
     from .imaging.io import read_volume
-    from .imaging.outputs import OutputPaths, check_writable, write_result
+    from .imaging.outputs import OutputPaths, check_writable, output_bytes, write_result
 
     if any(not text.strip() for text in args.prompt):
         raise InputError("empty prompt: give a structure name such as 'liver'")
@@ -228,7 +240,7 @@ def _segment(args: argparse.Namespace) -> int:
                          f"{label_capacity(np.dtype(args.label_type))}); use --label-type uint16")
     output = args.output or _output_default(args.input)
     paths = OutputPaths.beside(output, seg_nrrd=args.seg_nrrd, overlay=args.overlay)
-    check_writable(paths, args.overwrite, inputs=[args.input])
+    check_writable(paths, args.overwrite, inputs=[args.input])  # names and folders, before the input is read
     if args.server and args.model:
         raise InputError("--model and --server exclude each other: the server segments with the model it was "
                          "started with")
@@ -242,7 +254,10 @@ def _segment(args: argparse.Namespace) -> int:
                              fill_holes=args.fill_holes, largest_component=args.largest_component,
                              label_dtype=args.label_type)
     options.validate()
-    volume = read_volume(args.input)
+    volume = read_volume(args.input, series=args.series)
+    # room for the outputs, now that their size is known, before the model loads
+    check_writable(paths, args.overwrite, inputs=[args.input],
+                   needed_bytes=output_bytes(paths, volume.shape, np.dtype(args.label_type), len(prompts)))
     if args.server:
         from .common.client import Client
         from .serving.serve import read_token
@@ -270,7 +285,8 @@ def _segment(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .common.wire import Limits
     from .serving.app import ServerConfig
-    from .serving.serve import ServeSettings, build_server, check_settings, read_token, settings_warnings
+    from .serving.serve import (ConnectionLimits, ServeSettings, build_server, check_settings, read_token,
+                                settings_warnings)
 
     logging.getLogger("medsam3.server").setLevel(logging.INFO)
     config = ServerConfig(token=read_token(args.token_file), max_body_bytes=int(args.max_body_mb * 1024 * 1024),
@@ -278,7 +294,9 @@ def _serve(args: argparse.Namespace) -> int:
                           queue_size=args.queue_size, result_ttl=args.result_ttl)
     settings = ServeSettings(model=args.model or "", host=args.host, port=args.port, device=args.device,
                              dtype=args.dtype, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
-                             config=config)
+                             config=config, connections=ConnectionLimits(header_timeout=args.header_timeout,
+                                                                         keep_alive_timeout=args.keep_alive_timeout,
+                                                                         max_connections=args.max_connections))
     check_settings(settings)  # refuse unsafe settings before loading a model
     for warning in settings_warnings(settings, args.token_file):
         print(f"medsam3: warning: {warning}", file=sys.stderr)

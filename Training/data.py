@@ -8,6 +8,9 @@ Dataset JSON (one file per dataset; paths relative to the JSON's folder unless a
       "labels": {"5": "liver", "1": "spleen",    # label value -> concept (name or synonym of the
                  "27": "vertebra", "28": "vertebra"},   prompt dictionary); several values may
                                                  # share a concept: each is one instance of it
+      "instance_groups": [[10, 11], [12, 13, 14]],   # optional: values of one concept that together
+                                                 # are ONE instance (lung lobes -> a left and a right
+                                                 # lung: what a user asking "lung" means by one lung)
       "ignore_other_labels": false,              # true: values not in "labels" count as background
       "cases": [
         {"id": "ct01", "image": "imagesTr/ct01.nii.gz", "label": "labelsTr/ct01.nii.gz",
@@ -81,10 +84,19 @@ class DatasetSpec:
     cases: list[Case]
     modality: Optional[str] = None
     coco_concepts: tuple[str, ...] = ()  # concepts of COCO categories
+    instance_groups: tuple[tuple[int, ...], ...] = ()  # label values that together are one instance
 
     @property
     def concepts(self) -> list[str]:
         return sorted(set(self.labels.values()) | set(self.coco_concepts))
+
+    def instances_of(self, concept: str) -> list[tuple[int, ...]]:
+        """The label values of each instance of ``concept``: a group of ``instance_groups`` is one
+        instance, every other value of the concept one of its own (sorted by their first value)."""
+        values = sorted(v for v, name in self.labels.items() if name == concept)
+        grouped = [g for g in self.instance_groups if g[0] in values]
+        taken = {v for g in grouped for v in g}
+        return sorted(grouped + [(v,) for v in values if v not in taken])
 
 
 def load_dataset(path: Path | str, dictionary: Optional[PromptDictionary] = None,
@@ -121,6 +133,7 @@ def load_dataset(path: Path | str, dictionary: Optional[PromptDictionary] = None
                             + (f" (did you mean {', '.join(hint)}?)" if hint else ""))
             continue
         labels[value] = concept.name
+    groups = _instance_groups(data.get("instance_groups", []), labels, raw_labels, problems)
     cases, seen = [], set()
     coco_entries = data.get("coco", [])
     coco_entries = [coco_entries] if isinstance(coco_entries, dict) else coco_entries
@@ -166,7 +179,39 @@ def load_dataset(path: Path | str, dictionary: Optional[PromptDictionary] = None
                 problems.extend(_check_case(case, labels, ignore_other))
     if problems:
         raise InputError(f"dataset {path} has {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
-    return DatasetSpec(str(data.get("name", path.stem)), labels, cases, modality, tuple(sorted(coco_concepts)))
+    return DatasetSpec(str(data.get("name", path.stem)), labels, cases, modality, tuple(sorted(coco_concepts)), groups)
+
+
+def _instance_groups(raw, labels: dict[int, str], raw_labels: dict, problems: list[str]) -> tuple[tuple[int, ...], ...]:
+    """``instance_groups`` checked: lists of at least two label values of ``labels``, all of one
+    concept, none in two groups. Problems are appended to ``problems``."""
+    if not isinstance(raw, list):
+        problems.append("'instance_groups' must be a list of lists of label values, e.g. [[10, 11], [12, 13, 14]]")
+        return ()
+    groups, seen = [], set()
+    for index, group in enumerate(raw):
+        if (not isinstance(group, list) or len(group) < 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in group)):
+            problems.append(f"instance group #{index} must list two or more integer label values, got {group!r}")
+            continue
+        unknown = [v for v in group if v not in labels and str(v) not in raw_labels]
+        if unknown:
+            problems.append(f"instance group #{index}: label values {unknown} are not in 'labels'")
+            continue
+        if any(v not in labels for v in group):
+            continue  # the label itself is already reported
+        concepts = sorted({labels[v] for v in group})
+        if len(concepts) > 1:
+            problems.append(f"instance group #{index} mixes concepts ({', '.join(concepts)}): "
+                            "one instance is of one concept")
+            continue
+        again = sorted(seen & set(group))
+        if again or len(set(group)) < len(group):
+            problems.append(f"instance group #{index}: label values {again or group} are in more than one group")
+            continue
+        seen |= set(group)
+        groups.append(tuple(sorted(group)))
+    return tuple(groups)
 
 
 def _check_case(case: Case, labels: dict[int, str], ignore_other: bool = False) -> list[str]:
@@ -315,6 +360,7 @@ class SliceDataset(Dataset):
     def __post_init__(self) -> None:
         self._cache: OrderedDict[int, tuple[Volume, np.ndarray, str]] = OrderedDict()
         self._values = {c: sorted(v for v, name in self.spec.labels.items() if name == c) for c in self.spec.concepts}
+        self._instances = {c: self.spec.instances_of(c) for c in self.spec.concepts}
         self.triplets: list[Triplet] = []
         for index, case in enumerate(self.cases):
             if case.label is None:  # COCO: one slice, concepts from the annotations
@@ -432,7 +478,7 @@ class SliceDataset(Dataset):
         if label is None:
             instances = [coco_mask(seg, stored_shape) for concept, seg in case.annotations if concept == triplet.concept]
         else:
-            instances = [label[triplet.slice] == value for value in self._values[triplet.concept]]
+            instances = [np.isin(label[triplet.slice], values) for values in self._instances[triplet.concept]]
         instances = [] if removed else [np.ascontiguousarray(orientation.apply(instance)) for instance in instances]
         for instance in instances:
             if not instance.any():

@@ -281,7 +281,8 @@ def _device(name: str, local_rank: int) -> torch.device:
 def validate(detector, tokenizer, dataset: SliceDataset, device, max_slices: int = 64, score_threshold: float = 0.5,
              batch_size: int = 8) -> dict[str, float]:
     """Per-concept Dice over validation slices (pooled: 2 sum|P & G| / (sum|P| + sum|G|)), with the
-    engine's own decision rule (best instance above ``score_threshold``, mask probability > 0.5)."""
+    engine's own decision rule (its default instance policy above ``score_threshold``, mask probability > 0.5)."""
+    from MedicalSAM3Core.common.options import SegmentOptions
     from MedicalSAM3Core.inference.engine import instance_confidence
     from MedicalSAM3Core.preprocessing.layout import SliceLayout
 
@@ -301,7 +302,7 @@ def validate(detector, tokenizer, dataset: SliceDataset, device, max_slices: int
             batch = collate(items)
             ids, mask = tokenize(tokenizer, batch["text"], device)
             outputs = detector(pixel_values=batch["pixel_values"].to(device), input_ids=ids, attention_mask=mask)
-            conf, _ = instance_confidence(outputs, layout, score_threshold, 0.5, "best")
+            conf, _ = instance_confidence(outputs, layout, score_threshold, 0.5, SegmentOptions().instances)
             predicted = (conf > 0).cpu()
             truth = torch.stack([m.any(0) if len(m) else torch.zeros((size, size), dtype=torch.bool)
                                  for m in batch["masks"]])

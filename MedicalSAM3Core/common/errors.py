@@ -9,6 +9,11 @@ class InputError(MedSAM3Error, ValueError):
     """The input volume, prompts or options are unusable (wrong file, dimensions, NaNs...)."""
 
 
+class OutputError(MedSAM3Error):
+    """An output cannot be written: a file where a folder should be, a read-only folder, a full disk,
+    or a value the output format cannot hold. Nothing partial is left behind."""
+
+
 class ModelLoadError(MedSAM3Error):
     """The model could not be found or loaded (unknown path or hub id, gated repo, offline...)."""
 

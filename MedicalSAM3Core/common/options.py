@@ -32,7 +32,9 @@ class SegmentOptions:
     # own (``concept_mask_thresholds`` / ``mask_threshold`` of its medsam3_preprocessing.json, chosen on
     # validation data), else SAM3's 0.5
     mask_threshold: Optional[float] = None
-    instances: str = "best"  # "best": best instance per slice; "union": all instances above threshold
+    # "union": every instance above the score threshold (both lungs, every vertebra); "best": only the
+    # most confident instance per slice (chosen for the default on the validation scans, issue #30)
+    instances: str = "union"
     window: str = "auto"  # CT preset name, or "auto" (modality + prompt anatomy)
     modality: str = "auto"  # "auto" (file tag, else HU heuristic), "CT", "MR", ...
     percentiles: tuple[float, float] = (0.5, 99.5)

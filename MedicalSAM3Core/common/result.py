@@ -5,11 +5,14 @@ Shared by the local engine, the server/client wire format and the Slicer scene l
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import numpy as np
 
+from .errors import OutputError
 from .volume import Geometry
 
 
@@ -94,6 +97,34 @@ class SegmentationResult:
             "parameters": self.parameters,
             "warnings": list(self.warnings),
         }
+
+    def sidecar_json(self) -> str:
+        """:meth:`sidecar` as indented, strictly standard JSON text.
+
+        A NaN or infinite number (JSON has none; Python would write ``NaN``, which JSON readers
+        reject) raises :class:`OutputError` naming where it is: a bug upstream, since the geometry
+        checks keep volumes finite, surfaces as a clear error instead of an unreadable sidecar.
+        """
+        sidecar = self.sidecar()
+        try:
+            return json.dumps(sidecar, indent=2, allow_nan=False) + "\n"
+        except ValueError:
+            raise OutputError(f"the result cannot be saved: its {_first_non_finite(sidecar, 'sidecar')} is a number "
+                              "JSON cannot store") from None
+
+
+def _first_non_finite(value, path: str) -> Optional[str]:
+    """``"labels[0].volume_ml = inf"``: where the first NaN or infinite float of nested dicts and
+    lists ``value`` is, ``path`` naming ``value`` itself; ``None`` if there is none."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path} = {value}"
+    if isinstance(value, dict):
+        children = ((f"{path}.{key}", item) for key, item in value.items())
+    elif isinstance(value, (list, tuple)):
+        children = ((f"{path}[{index}]", item) for index, item in enumerate(value))
+    else:
+        return None
+    return next((found for child_path, item in children if (found := _first_non_finite(item, child_path))), None)
 
 
 def pack_mask(mask: np.ndarray) -> np.ndarray:

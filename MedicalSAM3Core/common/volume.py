@@ -22,6 +22,12 @@ from .errors import InputError
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
+#: Largest voxel spacing and origin coordinate (mm) of a plausible geometry: beyond any scanner, and
+#: far from overflowing volumes in ml and the JSON of a result (see :meth:`Geometry.check_plausible`).
+MAX_SPACING_MM, MAX_COORDINATE_MM = 1e4, 1e7
+#: How far ``D @ D.T`` of a plausible direction matrix ``D`` may be from the identity.
+ORTHONORMAL_TOLERANCE = 1e-3
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -38,7 +44,8 @@ class Geometry:
         if len(spacing) != 3 or len(origin) != 3 or len(direction) != 9:
             raise InputError("geometry needs 3 spacings, 3 origin coordinates and a 3x3 direction")
         if not all(np.isfinite(spacing + origin + direction)):
-            raise InputError("geometry contains NaN or infinite values")
+            raise InputError(f"geometry contains NaN or infinite values: spacing {_numbers(spacing)} mm, "
+                             f"origin {_numbers(origin)} mm, direction {_numbers(direction)}")
         if min(spacing) <= 0:
             raise InputError(f"voxel spacing must be positive, got {spacing}")
         matrix = np.asarray(direction).reshape(3, 3)
@@ -47,6 +54,26 @@ class Geometry:
         object.__setattr__(self, "spacing", spacing)
         object.__setattr__(self, "origin", origin)
         object.__setattr__(self, "direction", direction)
+
+    def check_plausible(self) -> None:
+        """Refuse a geometry that no scanner produces (the one check of a volume's geometry, shared by
+        the file reader and the server's request decoder).
+
+        A spacing above ``MAX_SPACING_MM`` or an origin coordinate beyond ``MAX_COORDINATE_MM`` (a
+        damaged or forged header) would overflow volumes in ml to infinity and, at the end of a job,
+        the JSON of the result; a direction matrix that is not orthonormal within
+        ``ORTHONORMAL_TOLERANCE`` hides a scale or shear that belongs in the spacing.
+        """
+        if max(self.spacing) > MAX_SPACING_MM:
+            raise InputError(f"implausible geometry: voxel spacing {_numbers(self.spacing)} mm (at most "
+                             f"{MAX_SPACING_MM:g} mm per axis); a damaged header?")
+        if max(abs(o) for o in self.origin) > MAX_COORDINATE_MM:
+            raise InputError(f"implausible geometry: origin {_numbers(self.origin)} mm (each coordinate within "
+                             f"{MAX_COORDINATE_MM:g} mm); a damaged header?")
+        matrix = self.direction_matrix
+        if not np.allclose(matrix @ matrix.T, np.eye(3), atol=ORTHONORMAL_TOLERANCE):
+            raise InputError(f"direction matrix {_numbers(self.direction)} is not orthonormal (its rows must be "
+                             "unit vectors at right angles; a scaling or shear belongs in the spacing)")
 
     @property
     def direction_matrix(self) -> np.ndarray:
@@ -79,6 +106,11 @@ class Geometry:
     @classmethod
     def from_dict(cls, data: dict) -> "Geometry":
         return cls(tuple(data["spacing"]), tuple(data["origin"]), tuple(data["direction"]))
+
+
+def _numbers(values) -> str:
+    """``(1e+200, 1, 1)``: numbers as a message shows them."""
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
 
 
 @dataclass

@@ -257,25 +257,15 @@ def _zstd_decompress(payload: memoryview, total: int) -> bytes:
     return raw
 
 
-#: Largest voxel spacing and origin coordinate (mm) a request may carry: beyond any scanner, and far
-#: from overflowing the volumes in ml and the JSON written at the end of a job.
-MAX_SPACING_MM, MAX_COORDINATE_MM = 1e4, 1e7
-
-
 def _geometry(data) -> Geometry:
+    """The request's geometry, refused unless well-formed and plausible (:meth:`Geometry.check_plausible`)."""
     if not isinstance(data, dict) or not all(k in data for k in ("spacing", "origin", "direction")):
         raise InputError("geometry must be an object with spacing, origin and direction")
     try:
         geometry = Geometry.from_dict(data)
     except (TypeError, ValueError, OverflowError) as error:
         raise InputError(f"geometry is malformed: {error}") from None
-    if max(geometry.spacing) > MAX_SPACING_MM or max(abs(o) for o in geometry.origin) > MAX_COORDINATE_MM:
-        raise InputError(f"geometry is implausible: spacing {list(geometry.spacing)} mm, origin "
-                         f"{list(geometry.origin)} mm (at most {MAX_SPACING_MM:g} mm and {MAX_COORDINATE_MM:g} mm)")
-    matrix = geometry.direction_matrix
-    if not np.allclose(matrix @ matrix.T, np.eye(3), atol=1e-3):
-        raise InputError("direction matrix is not orthonormal (its rows must be unit vectors at right angles; "
-                         "a scaling or shear belongs in the spacing)")
+    geometry.check_plausible()
     return geometry
 
 

@@ -2,13 +2,16 @@
 
 All outputs of one call are staged as temporary files and renamed into place only after every
 one of them was written, so an error or Ctrl-C never leaves a partial set. Existing files are
-never overwritten unless the caller says so.
+never overwritten unless the caller says so. Before the work, :func:`check_writable` refuses what
+could not be written (a file in the way, a read-only folder, too little free space), and a failure
+while writing anyway is an :class:`~MedicalSAM3Core.common.errors.OutputError`.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
+import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,17 +20,21 @@ from typing import Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from ..common.errors import InputError
+from ..common.errors import InputError, OutputError
 from ..common.result import SegmentationResult
 from ..common.terminology import terminology_string
 from ..common.volume import Volume
-from .io import image_from_array, staged_file, write_image
+from .io import bytes_text, image_from_array, staged_file, write_image
 
 
 #: Label-map formats that hold a volume in one file: written whole under a temporary name and renamed,
 #: so an output appears complete or not at all (.mhd/.nhdr point at a second data file; .png and the
 #: like hold one slice).
 LABEL_MAP_FORMATS = (".nii.gz", ".nii", ".nrrd", ".mha")
+#: Axial slices side by side in the PNG overlay.
+OVERLAY_SLICES = 3
+_FILE_ALLOWANCE = 64 * 1024  # one output's header, container framing and metadata, generously
+_LABEL_JSON_BYTES = 4096  # one label's entry in the sidecar, generously
 
 
 @dataclass
@@ -67,9 +74,15 @@ def _replaces_input(output: Path, source: Path) -> bool:
     return output.exists() and source.exists() and os.path.samefile(output, source)
 
 
-def check_writable(paths: OutputPaths, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
-    """Refuse before any work is done if an output would replace an input (whatever ``overwrite``
-    says: the scan is never lost) or exists (and ``overwrite`` is off)."""
+def check_writable(paths: OutputPaths, overwrite: bool, inputs: Sequence[Path] = (), needed_bytes: int = 0) -> None:
+    """Refuse, before the work, outputs that must not or cannot be written: one that would replace an
+    input (whatever ``overwrite`` says: the scan is never lost), a label map format that does not hold
+    a volume in one file, existing outputs (unless ``overwrite``), or a folder that cannot take
+    ``needed_bytes`` (:func:`check_output_folder`; each folder must hold them all, a bound).
+
+    Call it with the names alone before the input is read, and again with ``needed_bytes`` (from
+    :func:`output_bytes`) once the input's size is known, before the model loads.
+    """
     for output in paths.all():
         for source in map(Path, inputs):
             if _replaces_input(output, source):
@@ -82,17 +95,87 @@ def check_writable(paths: OutputPaths, overwrite: bool, inputs: Sequence[Path] =
     existing = [str(p) for p in paths.all() if p.exists()]
     if existing and not overwrite:
         raise InputError(f"output file(s) already exist: {', '.join(existing)} (use --overwrite to replace them)")
-    for path in paths.all():
-        parent = path.parent if str(path.parent) else Path(".")
-        if parent.exists() and not os.access(parent, os.W_OK):
-            raise InputError(f"cannot write to folder {parent}")
+    for folder in dict.fromkeys(path.parent for path in paths.all()):
+        check_output_folder(folder, needed_bytes)
+
+
+def check_output_folder(folder: Path, needed_bytes: int = 0) -> None:
+    """Refuse, before any work, a folder that outputs cannot really be written into.
+
+    The folder need not exist yet: the nearest existing folder above it, where it would be created,
+    is checked. Refused: a file in the way; a folder where no file can be created (a read-only file
+    system, permissions: probed by creating and removing a temporary file, as ``os.access`` says yes
+    to root even on a read-only disk); less than ``needed_bytes`` free on its disk (unless its file
+    system reports no size at all, as some network ones do).
+    """
+    folder = Path(folder)
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        where = "" if existing == folder else f"cannot create folder {folder}: "
+        raise OutputError(f"{where}{existing} is a file, not a folder; choose another output location")
+    try:
+        _probe(existing)
+    except OSError as error:
+        raise OutputError(f"cannot write to folder {existing}: {_reason(error)}") from None
+    disk = shutil.disk_usage(existing)
+    if disk.total and needed_bytes > disk.free:
+        raise OutputError(f"not enough free space in {existing}: the outputs may need up to "
+                          f"{bytes_text(needed_bytes)} and {bytes_text(disk.free)} is free; free some space "
+                          "or write elsewhere")
+
+
+def _nearest_existing(folder: Path) -> Path:
+    """``folder``, else the nearest path above it that exists (``.`` at worst, for a relative path)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _probe(folder: Path) -> None:
+    """Create and remove a temporary file in ``folder``; raises :class:`OSError` where that fails."""
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".medsam3-probe-"):
+        pass
+
+
+def _reason(error: OSError) -> str:
+    """What an :class:`OSError` says went wrong ("No space left on device"), without the file name."""
+    return error.strerror or str(error)
+
+
+def output_bytes(paths: OutputPaths, shape: Sequence[int], label_dtype: np.dtype, n_labels: int) -> int:
+    """An upper bound of the bytes that the outputs ``paths`` of a ``(z, y, x)`` label map take.
+
+    The label map and the .seg.nrrd count uncompressed (deflate can only shrink them, give or take
+    0.1% of framing), the PNG overlay as its raw RGB rows, the sidecar a generous 4 KiB per label;
+    each file gets 64 KiB more for its header.
+    """
+    z, y, x = shape
+    label_map = z * y * x * np.dtype(label_dtype).itemsize
+    overlay = y * (1 + 3 * OVERLAY_SLICES * x)  # its rows of RGB pixels, each with a filter byte
+    sizes = [(paths.label_map, label_map), (paths.sidecar, n_labels * _LABEL_JSON_BYTES),
+             (paths.seg_nrrd, label_map), (paths.overlay_png, overlay)]
+    return sum(n + n // 1000 + _FILE_ALLOWANCE for path, n in sizes if path is not None)
 
 
 def write_result(result: SegmentationResult, paths: OutputPaths, volume: Optional[Volume] = None) -> None:
     """Write every requested output of ``result``; all appear together or none does.
 
-    ``volume`` (the input) is needed for the PNG overlay only.
+    ``volume`` (the input) is needed for the PNG overlay only. A failure to write (a full disk, a
+    folder made read-only meanwhile) removes whatever was staged and raises :class:`OutputError`.
     """
+    if paths.overlay_png is not None and volume is None:
+        raise InputError("an overlay PNG needs the input volume")
+    sidecar = result.sidecar_json() if paths.sidecar is not None else None  # refused before any file is staged
+    try:
+        _write_staged(result, paths, volume, sidecar)
+    except OSError as error:
+        raise OutputError(f"cannot write the outputs in {paths.label_map.parent}: {_reason(error)}; "
+                          "nothing was written") from None
+
+
+def _write_staged(result: SegmentationResult, paths: OutputPaths, volume: Optional[Volume],
+                  sidecar: Optional[str]) -> None:
+    """Write each output under a temporary name, then rename them all into place (see :func:`write_result`)."""
     with ExitStack() as stack:
         staged: list[tuple[Path, Path]] = []
 
@@ -102,13 +185,11 @@ def write_result(result: SegmentationResult, paths: OutputPaths, volume: Optiona
             return tmp
 
         write_image(image_from_array(result.label_map, result.geometry), stage(paths.label_map))
-        if paths.sidecar is not None:
-            stage(paths.sidecar).write_text(json.dumps(result.sidecar(), indent=2) + "\n", encoding="utf-8")
+        if sidecar is not None:
+            stage(paths.sidecar).write_text(sidecar, encoding="utf-8")
         if paths.seg_nrrd is not None:
             write_image(seg_nrrd_image(result), stage(paths.seg_nrrd))
         if paths.overlay_png is not None:
-            if volume is None:
-                raise InputError("an overlay PNG needs the input volume")
             write_image(overlay_image(volume, result), stage(paths.overlay_png), compress=False)
         for tmp, final in staged:
             os.replace(tmp, final)
@@ -153,7 +234,7 @@ def seg_nrrd_image(result: SegmentationResult) -> sitk.Image:
     return image
 
 
-def overlay_image(volume: Volume, result: SegmentationResult, n_slices: int = 3,
+def overlay_image(volume: Volume, result: SegmentationResult, n_slices: int = OVERLAY_SLICES,
                   window: tuple[float, float] | None = None) -> sitk.Image:
     """An RGB PNG montage of ``n_slices`` axial (k) slices with the label map blended in color.
 

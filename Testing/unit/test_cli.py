@@ -1,6 +1,9 @@
 """The command line as a user runs it: outputs on the input grid, clear errors, nothing partial."""
 
+import errno
 import json
+import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -104,18 +107,108 @@ def test_ctrl_c_during_segmentation_leaves_no_file(tmp_path, ct_file, tiny_model
     assert not out.parent.exists() or _files(out.parent) == []
 
 
-def test_failure_while_writing_outputs_leaves_no_partial_set(tmp_path, ct_file, tiny_model_dir, monkeypatch):
+def _error_line(err: str) -> str:
+    """The one ``medsam3: error:`` sentence of ``err`` (asserting there is one, and no traceback)."""
+    errors = [line for line in err.splitlines() if line.startswith("medsam3: error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fails the test if the model loads: the refusal must come before it."""
+    from MedicalSAM3Core.inference import models
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(models, "load_model", load_model)
+
+
+def test_failure_while_writing_outputs_leaves_no_partial_set(tmp_path, ct_file, tiny_model_dir, monkeypatch, capsys):
+    """Issue #30 item 7: a failure while writing (here the disk filling up in the middle of the .seg.nrrd,
+    as SimpleITK reports it) is one sentence with exit 2, and no output, staged or final, is left."""
+    from MedicalSAM3Core.imaging import io
+
+    write = sitk.WriteImage
+
+    def disk_fills_up(image, path, *args, **kwargs):
+        if path.endswith(".seg.nrrd"):
+            with open(path, "wb") as file:
+                file.write(b"NRRD0004\n")
+            raise RuntimeError("ITK ERROR: NrrdImageIO: Write failed.\nReason: No space left on device")
+        write(image, path, *args, **kwargs)
+
+    monkeypatch.setattr(io.sitk, "WriteImage", disk_fills_up)
+    out = tmp_path / "out" / "seg.nii.gz"
+    code = cli.main(["segment", str(ct_file), "-p", "liver", "--model", str(tiny_model_dir), "-o", str(out),
+                     "--seg-nrrd", "--quiet", "--mode", "slices"])
+    error = _error_line(capsys.readouterr().err)
+    assert code == 2 and "cannot write the outputs" in error and "No space left on device" in error, error
+    assert _files(out.parent) == []
+
+
+def _image_file(path, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)):
+    image = sitk.GetImageFromArray(np.zeros((3, 8, 8), np.int16))
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.mark.parametrize("name, geometry, value", [
+    ("spacing.mha", {"spacing": (1e200, 1.0, 1.0)}, "spacing (1e+200, 1, 1) mm"),
+    ("origin.nrrd", {"origin": (1e300, 0.0, 0.0)}, "origin (1e+300, 0, 0) mm"),
+])
+def test_a_file_with_an_implausible_geometry_is_refused_before_the_model_loads(tmp_path, capsys, no_model_load,
+                                                                               name, geometry, value):
+    """Issue #30 item 4: spacing 1e200 used to run the whole job and write ``Infinity`` volumes into the
+    sidecar. (A NaN spacing cannot be written: SimpleITK refuses it, and its reader refuses it in a file.)"""
+    path = _image_file(tmp_path / name, **geometry)
+    out = tmp_path / "out" / "seg.nii.gz"
+    code = cli.main(["segment", str(path), "-p", "liver", "-o", str(out), "--model", "unused"])
+    error = _error_line(capsys.readouterr().err)
+    assert code == 2 and str(path) in error and "implausible geometry" in error and value in error, error
+    assert not out.parent.exists()
+
+
+def test_a_folder_that_takes_no_file_is_refused_before_any_work(tmp_path, ct_file, capsys, no_model_load,
+                                                                 monkeypatch):
+    """Issue #30 item 7: root passes ``os.access`` on a read-only file system, so writability is probed by
+    creating a file; here the probe meets a read-only file system."""
     from MedicalSAM3Core.imaging import outputs
 
-    def broken(*args, **kwargs):
-        raise OSError("disk full")
+    def read_only(folder):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(folder))
 
-    monkeypatch.setattr(outputs, "seg_nrrd_image", broken)
-    out = tmp_path / "out" / "seg.nii.gz"
-    with pytest.raises(OSError):
-        cli.main(["segment", str(ct_file), "-p", "liver", "--model", str(tiny_model_dir), "-o", str(out),
-                  "--seg-nrrd", "--quiet", "--mode", "slices"])
-    assert _files(out.parent) == []
+    monkeypatch.setattr(outputs, "_probe", read_only)
+    code = cli.main(["segment", str(ct_file), "-p", "liver", "-o", str(tmp_path / "seg.nii.gz"), "--model", "unused"])
+    error = _error_line(capsys.readouterr().err)
+    assert code == 2 and f"cannot write to folder {tmp_path}" in error and "Read-only file system" in error, error
+
+
+@pytest.mark.parametrize("below", ["notes.txt", "notes.txt/sub"])
+def test_an_output_folder_below_a_file_is_refused_before_any_work(tmp_path, ct_file, capsys, no_model_load, below):
+    """A real failure to create a file, even for root: the output folder would have to be made inside a file."""
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    code = cli.main(["segment", str(ct_file), "-p", "liver", "-o", str(tmp_path / below / "seg.nii.gz"),
+                     "--model", "unused"])
+    error = _error_line(capsys.readouterr().err)
+    assert code == 2 and f"{tmp_path / 'notes.txt'} is a file, not a folder" in error, error
+    assert (tmp_path / "notes.txt").read_text() == "a file, not a folder"
+
+
+def test_too_little_free_space_is_refused_after_reading_and_before_the_model_loads(tmp_path, ct_file, capsys,
+                                                                                   no_model_load, monkeypatch):
+    """The outputs' upper bound (label map and .seg.nrrd uncompressed, overlay, sidecar) must fit the disk."""
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10 ** 9, used=10 ** 9 - 1000,
+                                                                           free=1000))
+    code = cli.main(["segment", str(ct_file), "-p", "liver", "-o", str(tmp_path / "out" / "seg.nii.gz"),
+                     "--seg-nrrd", "--overlay", "--model", "unused"])
+    error = _error_line(capsys.readouterr().err)
+    assert code == 2 and f"not enough free space in {tmp_path}" in error and "1000 bytes is free" in error, error
 
 
 def test_console_script_is_installed_and_prints_help():

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from MedicalSAM3Core.cli import main
 from MedicalSAM3Core.common.errors import ModelLoadError
 from MedicalSAM3Core.inference import convert
 from MedicalSAM3Core.inference.convert import (UNUSED_META_KEYS, build_clip_tokenizer, convert_state_dict,
@@ -288,6 +289,116 @@ def test_cli_convert_reports_bad_input_with_exit_code_2(tmp_path):
     assert proc.returncode == 2 and "not a PyTorch checkpoint" in proc.stderr
 
 
+def _error_line(err: str) -> str:
+    """The one ``medsam3: error:`` sentence of ``err`` (asserting there is one, and no traceback)."""
+    errors = [line for line in err.splitlines() if line.startswith("medsam3: error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+@pytest.mark.parametrize("state, key", [({1: torch.zeros(1)}, "1 (a int)"),
+                                        ({("a",): torch.zeros(1)}, "('a',) (a tuple)"),
+                                        ({"model": {"w": torch.zeros(1), None: torch.zeros(1)}}, "None (a NoneType)")])
+def test_cli_convert_names_a_key_that_is_not_a_parameter_name(tmp_path, capsys, state, key):
+    """Issue #30 item 7: a state dict with non-string keys used to end in a traceback."""
+    path = tmp_path / "odd.pt"
+    torch.save(state, path)
+    code = main(["convert", str(path), str(tmp_path / "out")])
+    error = _error_line(capsys.readouterr().err)
+    assert code == 2 and str(path) in error and f"not parameter names, e.g. {key}" in error, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_with_a_key_that_is_not_a_name_is_refused():
+    with pytest.raises(ModelLoadError, match=r"adapter\.pt: 1 key\(s\) are not parameter names, e\.g\. 7"):
+        merge_lora({"w.weight": torch.zeros(2, 2)}, {7: torch.zeros(1, 2)}, source="adapter.pt")
+
+
+@pytest.fixture
+def no_checkpoint_read(monkeypatch):
+    """Fails the test if the checkpoint is read: the refusal must come before the work."""
+    def load_checkpoint(path):
+        raise AssertionError("the checkpoint was read before the refusal")
+
+    monkeypatch.setattr(convert, "load_checkpoint", load_checkpoint)
+
+
+def test_cli_convert_into_an_existing_file_is_refused_before_the_work(tmp_path, capsys, no_checkpoint_read):
+    checkpoint, out = tmp_path / "sam3.pt", tmp_path / "out"
+    torch.save({"w": torch.zeros(1)}, checkpoint)
+    out.write_text("a file")
+    code = main(["convert", str(checkpoint), str(out)])
+    error = _error_line(capsys.readouterr().err)
+    assert code == 2 and f"{out} is a file, not a folder" in error, error
+    assert out.read_text() == "a file"
+
+
+def test_cli_make_tiny_model_into_an_existing_file_is_refused_before_the_work(tmp_path, capsys, monkeypatch):
+    from MedicalSAM3Core.inference import tiny
+
+    def build_tiny_model(*args, **kwargs):
+        raise AssertionError("the model was built before the refusal")
+
+    monkeypatch.setattr(tiny, "build_tiny_model", build_tiny_model)
+    out = tmp_path / "tiny"
+    out.write_text("a file")
+    code = main(["make-tiny-model", str(out)])
+    error = _error_line(capsys.readouterr().err)
+    assert code == 2 and f"{out} is a file, not a folder" in error, error
+
+
+def test_cli_convert_checks_write_access_and_free_space_before_the_work(tmp_path, capsys, monkeypatch,
+                                                                        no_checkpoint_read):
+    """Room for about the checkpoint's size is needed (the weights keep their dtype), and a folder
+    where no file can be created (root passes ``os.access`` even there) is refused."""
+    import errno
+    import os
+    import shutil
+    from types import SimpleNamespace
+
+    from MedicalSAM3Core.imaging import outputs
+
+    checkpoint = tmp_path / "sam3.pt"
+    torch.save({"w": torch.zeros(1000)}, checkpoint)
+    free = checkpoint.stat().st_size  # less than the checkpoint plus its tokenizer and configs
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10 ** 9, used=10 ** 9 - free,
+                                                                           free=free))
+    code = main(["convert", str(checkpoint), str(tmp_path / "out")])
+    error = _error_line(capsys.readouterr().err)
+    assert code == 2 and f"not enough free space in {tmp_path}" in error, error
+
+    def read_only(folder):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(folder))
+
+    monkeypatch.setattr(outputs, "_probe", read_only)
+    code = main(["convert", str(checkpoint), str(tmp_path / "out")])
+    error = _error_line(capsys.readouterr().err)
+    assert code == 2 and f"cannot write to folder {tmp_path}: Read-only file system" in error, error
+
+
+def test_cli_convert_failing_to_write_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
+    """The disk filling up while the weights are saved (safetensors reports it as its own error)."""
+    from safetensors import SafetensorError
+
+    def disk_fills_up(converted, folder):
+        (Path(folder) / "model.safetensors").write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    conversion = convert.ConvertedCheckpoint(state_dict={}, config=None, model_type="sam3_video", image_size=56,
+                                             dropped=[])
+    monkeypatch.setattr(convert, "convert_state_dict", lambda state, source, image_size=None: conversion)
+    monkeypatch.setattr(convert, "build_clip_tokenizer", lambda path: None)
+    monkeypatch.setattr(convert, "save_converted", disk_fills_up)
+    checkpoint = tmp_path / "sam3.pt"
+    torch.save({"w": torch.zeros(1)}, checkpoint)
+    bpe = tmp_path / "bpe.txt.gz"
+    bpe.write_bytes(b"")
+    code = main(["convert", str(checkpoint), str(tmp_path / "out"), "--bpe", str(bpe)])
+    error = _error_line(capsys.readouterr().err)
+    assert code == 2 and "cannot write the converted model" in error and "No space left on device" in error, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bpe.txt.gz", "sam3.pt"]
+
+
 # ---- tokenizer ----------------------------------------------------------------------------
 
 
@@ -364,7 +475,6 @@ def test_convert_command_writes_a_folder_that_segments(tmp_path, monkeypatch, ph
     """
     from transformers import Sam3VideoModel
 
-    from MedicalSAM3Core.cli import main
     from MedicalSAM3Core.common.options import SegmentOptions
     from MedicalSAM3Core.common.volume import Volume
     from MedicalSAM3Core.inference.engine import Segmenter

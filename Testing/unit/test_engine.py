@@ -67,6 +67,19 @@ def test_slices_mode_equals_the_plain_transformers_path_slice_by_slice(segmenter
     assert result.labels[0].max_score == pytest.approx(max(best_scores), abs=1e-5)
 
 
+def test_by_default_every_instance_of_a_concept_is_kept(segmenter, tiny_model, phantom):
+    """Paired and repeated structures (both lungs, every vertebra): without ``instances`` the label
+    is every instance above the threshold, not the most confident one (issue #30)."""
+    volume = Volume(phantom, OBLIQUE, modality="CT")
+    mask = segmenter.segment(volume, ["liver"], SegmentOptions(mode="slices", batch_size=1, **LOW)).mask(0)
+    references = [_transformers_reference(tiny_model, phantom[z], "Liver", 0.2, 0.5) for z in range(len(phantom))]
+    several = [z for z, r in enumerate(references) if len(r["scores"]) >= 2
+               and (r["masks"].bool().any(0) != r["masks"][r["scores"].argmax()].bool()).any()]
+    assert several, "no slice with two different instances: the test would prove nothing"
+    for z in several:
+        np.testing.assert_array_equal(mask[z], references[z]["masks"].bool().any(0).numpy(), err_msg=f"slice {z}")
+
+
 def test_batching_does_not_change_the_answer(segmenter, phantom):
     volume = Volume(phantom, modality="CT")
     one = segmenter.segment(volume, ["liver", "spleen"], SegmentOptions(mode="slices", batch_size=1, **LOW))

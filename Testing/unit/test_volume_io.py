@@ -1,5 +1,7 @@
 """One reader, one writer: geometry is kept exactly; bad files give clear errors."""
 
+import re
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -118,4 +120,50 @@ def test_nan_voxels_are_refused(tmp_path):
     path = tmp_path / "nan.mha"
     sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
     with pytest.raises(InputError, match="NaN"):
+        read_volume(path)
+
+
+@pytest.mark.parametrize("geometry, message", [
+    (Geometry(spacing=(0.5, 1e4 + 1, 1.0)), r"voxel spacing \(0.5, 10001, 1\) mm \(at most 10000 mm"),
+    (Geometry(origin=(0.0, -1.1e7, 0.0)), r"origin \(0, -1.1e\+07, 0\) mm \(each coordinate within 1e\+07 mm"),
+    (Geometry(direction=(1, 0.01, 0, 0, 1, 0, 0, 0, 1)), "is not orthonormal"),  # |det| is 1: a shear
+])
+def test_implausible_geometries_are_refused(geometry, message):
+    with pytest.raises(InputError, match=message):
+        geometry.check_plausible()
+
+
+def test_the_most_extreme_plausible_geometry_keeps_volumes_finite():
+    from MedicalSAM3Core.common.wire import Limits
+
+    geometry = Geometry(spacing=(1e4, 1e4, 1e4), origin=(-1e7, 1e7, 1e7))
+    geometry.check_plausible()
+    volume = Volume(np.zeros((1, 1, 1), np.uint8), geometry)
+    assert np.isfinite(volume.voxel_volume_ml * Limits().max_voxels)  # every voxel of the largest volume labelled
+
+
+def test_the_reader_and_the_server_refuse_an_implausible_geometry_alike(tmp_path):
+    """Issue #30 item 4: one check (:meth:`Geometry.check_plausible`) for a file's header and a request's."""
+    from MedicalSAM3Core.common.wire import decode_request, encode_request
+
+    implausible = Geometry(spacing=(1e200, 1.0, 1.0))
+    array = np.zeros((3, 4, 5), np.int16)
+    with pytest.raises(InputError) as from_wire:
+        decode_request(encode_request(Volume(array, implausible), ["liver"]))
+    path = tmp_path / "huge.mha"
+    write_volume(array, implausible, path)
+    with pytest.raises(InputError) as from_file:
+        read_volume(path)
+    assert str(from_file.value) == f"{path}: {from_wire.value}"
+    assert "implausible geometry: voxel spacing (1e+200, 1, 1) mm" in str(from_file.value)
+
+
+def test_a_sheared_grid_is_refused_by_the_reader(tmp_path):
+    """A NRRD's space directions at 89.4 degrees: each axis has unit length, |det| is almost 1, but a
+    regular grid would misplace voxels and misstate volumes."""
+    image = sitk.Image([4, 5, 6], sitk.sitkInt16)
+    image.SetDirection((1, 0.01, 0, 0, 1, 0, 0, 0, 1))
+    path = tmp_path / "sheared.nrrd"
+    sitk.WriteImage(image, str(path))
+    with pytest.raises(InputError, match=re.escape(f"{path}: direction matrix (") + ".* is not orthonormal"):
         read_volume(path)
