@@ -267,6 +267,8 @@ def _segment(args: argparse.Namespace) -> int:
         print(f"medsam3: segmenting on {args.server} with model {info.get('model_id')} "
               f"({info.get('device')})", file=sys.stderr)
         result = client.segment(volume, prompts, options, progress=_progress_bar(args.quiet, info.get("device"), args.server))
+        for warning in result.warnings:  # the server's engine logged them there; say them here
+            print(f"medsam3: warning: {warning}", file=sys.stderr)
     else:
         model_source = args.model or default_model()
         if not args.model:

@@ -237,12 +237,23 @@ def export_model(bundle: ModelBundle, folder: Path, config: dict, metrics: Optio
     bundle.tokenizer.save_pretrained(staging)
     keep = {k: v for k, v in bundle.preprocess.items()
             if k in ("window", "field_of_view_mm", "orientation", "body_mask", "empty_geometry_prompt",
-                     "mask_threshold", "concept_mask_thresholds", "largest_component")}
+                     "mask_threshold", "concept_mask_thresholds", "largest_component", "trained_concepts",
+                     "trained_modalities")}
     (staging / "medsam3_preprocessing.json").write_text(json.dumps(keep, indent=2) + "\n")
     (staging / "training.json").write_text(json.dumps({"config": config, "metrics": metrics or {}}, indent=2) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(staging, folder)
     return folder
+
+
+def record_knowledge(preprocess: dict, spec) -> None:
+    """What the exported model will say it knows (``trained_concepts`` / ``trained_modalities`` of its
+    medsam3_preprocessing.json): the dataset's concepts, and its declared modality, added to what the
+    initial model already listed. Not guessed: a dataset that declares no modality adds none."""
+    preprocess["trained_concepts"] = sorted(set(preprocess.get("trained_concepts") or ()) | set(spec.concepts),
+                                            key=str.lower)
+    if spec.modality:
+        preprocess["trained_modalities"] = sorted(set(preprocess.get("trained_modalities") or ()) | {spec.modality})
 
 
 def interpolate_with_init(state: dict, model_cfg: dict, alpha: float, tracker: bool) -> dict:
@@ -339,6 +350,7 @@ class Trainer:
         if datasets is None:
             datasets = build_datasets(config["data"], self.bundle.preprocess)
         self.train_set, self.val_set = datasets
+        record_knowledge(self.bundle.preprocess, self.train_set.spec)
         if t["batch_size"] % self.world:
             raise InputError(f"train.batch_size {t['batch_size']} is not divisible by {self.world} processes")
         self.local_batch = t["batch_size"] // self.world

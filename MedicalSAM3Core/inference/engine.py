@@ -163,6 +163,9 @@ class Segmenter:
                                                   self.model.preprocessing.get("orientation") or "stored")
         view = orientation.apply(np.moveaxis(volume.array, axis, 0))  # (s, rows, cols) as the model sees them
         modality = self._modality(volume, options)
+        for message in self.knowledge_warnings(resolved, modality):
+            warnings.append(message)
+            log.warning(message)
         groups = self._intensity_groups(volume, resolved, options, orientation, modality)
         if uses_body_mask(self.model.preprocessing, modality):
             # the model's policy: arms and table become air, batch by batch as the loops read them
@@ -211,6 +214,26 @@ class Segmenter:
         chosen = {self._concept_key(name): float(value)
                   for name, value in (self.model.preprocessing.get("concept_mask_thresholds") or {}).items()}
         return [chosen.get(p.concept.name, default) if p.concept is not None else default for p in prompts]
+
+    def knowledge_warnings(self, prompts: Sequence[ResolvedPrompt], modality: str) -> list[str]:
+        """One sentence per prompt outside the concepts the model was trained on, and one if the volume's
+        modality is outside its training modalities (``trained_concepts`` / ``trained_modalities`` of its
+        medsam3_preprocessing.json; a model that lists none, such as SAM3's open-vocabulary weights,
+        gets no warning). The result is still computed: the user decides what it is worth."""
+        preprocessing = self.model.preprocessing
+        warnings = []
+        trained = preprocessing.get("trained_concepts")
+        if trained is not None:
+            known = {self._concept_key(name) for name in trained}
+            for prompt in prompts:
+                key = prompt.concept.name if prompt.concept is not None else prompt.model_text.lower()
+                if key not in known:
+                    warnings.append(f"this model was not trained on {prompt.user_text!r}: its result means little; "
+                                    f"it knows {', '.join(sorted(trained, key=str.lower))}")
+        modalities = preprocessing.get("trained_modalities")
+        if modalities and modality.upper() not in {m.upper() for m in modalities}:
+            warnings.append(f"this model was trained on {' and '.join(modalities)} only; the volume is {modality}")
+        return warnings
 
     def _concept_key(self, name: str) -> str:
         """A concept named in the model's medsam3_preprocessing.json (a name or synonym of the prompt

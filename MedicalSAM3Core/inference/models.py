@@ -31,6 +31,12 @@ image size (``config.json``), mean/std (``preprocessor_config.json``) and, in ou
 ``largest_component`` concept names whose result keeps only its largest 3D connected component,
                       chosen per concept on validation data (as nnU-Net chooses its post-processing);
                       used when the caller does not decide (absent: none)
+``trained_concepts``  the concepts (names of the prompt dictionary) the model was trained on, written
+                      by the training export; a prompt outside them gets a warning in the result
+                      (absent: an open-vocabulary model such as SAM3's own weights, no warning)
+``trained_modalities``  the modalities (``CT``, ``MR``...) of its training data, written by the
+                      training export when the dataset declares one; a volume of another modality
+                      gets a warning (absent: none)
 """
 
 from __future__ import annotations
@@ -284,6 +290,11 @@ def check_preprocessing(data: dict, path) -> dict:
     if largest is not None and (not isinstance(largest, list)
                                 or not all(isinstance(name, str) and name.strip() for name in largest)):
         raise ModelLoadError(f"{path}: largest_component must be a list of concept names, got {largest!r}")
+    for key in ("trained_concepts", "trained_modalities"):
+        names = data.get(key)
+        if names is not None and (not isinstance(names, list)
+                                  or not all(isinstance(name, str) and name.strip() for name in names)):
+            raise ModelLoadError(f"{path}: {key} must be a list of names, got {names!r}")
     return data
 
 

@@ -158,3 +158,24 @@ def test_lung_finds_both_lungs_on_chest_cts_no_one_trained_on(case, pyradiomics_
     middle = drawn.shape[2] // 2
     halves = drawn[:, :, :middle].sum(), drawn[:, :, middle:].sum()
     assert min(halves) >= 0.3 * max(halves), f"{case}: one lung drawn ({halves[0]} / {halves[1]} voxels)"
+
+
+def test_the_demo_model_says_what_it_does_not_know(sample_data, tmp_path):
+    """Issue #31: the demo model lists the 12 concepts and the modality it was trained on; a prompt
+    outside them, or an MR volume, is said in one sentence on the CLI's output and in the sidecar,
+    and the known prompt is still segmented."""
+    env = {k: v for k, v in os.environ.items() if k != "MEDSAM3_MODEL"}
+    runs = {"ct": (REPO / "Resources" / "sample" / "example_ct_sm.nii.gz", "liver, brain tumor"),
+            "mr": (sample_data / "example_mr_sm.nii.gz", "liver")}
+    for name, (scan, prompts) in runs.items():
+        output = tmp_path / f"{name}.nii.gz"
+        done = subprocess.run([sys.executable, "-m", "MedicalSAM3Core", "segment", str(scan), "-p", prompts,
+                               "--mode", "slices", "-o", str(output), "-q"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        sidecar = json.loads(output.with_name(f"{name}.json").read_text())
+        expected = ("this model was not trained on 'brain tumor'" if name == "ct"
+                    else "this model was trained on CT only; the volume is MR")
+        assert expected in done.stderr, done.stderr[-2000:]
+        assert sum(expected in w for w in sidecar["warnings"]) == 1, sidecar["warnings"]
+        assert not any("not trained on 'liver'" in w for w in sidecar["warnings"])

@@ -335,7 +335,8 @@ def test_token_command(tmp_path):
     assert main(["token", str(path)]) == 2  # never overwritten
 
 
-def test_cli_segment_through_server_writes_the_same_files(engine_server, tiny_model_dir, tmp_path, monkeypatch):
+def test_cli_segment_through_server_writes_the_same_files(engine_server, tiny_model_dir, tmp_path, monkeypatch,
+                                                          capsys):
     import SimpleITK as sitk
 
     from MedicalSAM3Core.cli import main
@@ -357,6 +358,12 @@ def test_cli_segment_through_server_writes_the_same_files(engine_server, tiny_mo
     local_sidecar = json.loads((tmp_path / "local.json").read_text())
     assert remote_sidecar["labels"] == local_sidecar["labels"]
     assert main(common + ["--server", url, "--model", "x", "-o", str(tmp_path / "x.nii.gz")]) == 2
+    capsys.readouterr()
+    free_text = ["segment", str(image), "-p", "liver, my blob", "--mode", "slices", "-q", "--server", url,
+                 "--token-file", str(token), "-o", str(tmp_path / "free.nii.gz")]
+    assert main(free_text) == 0  # the server's warnings are said on this side too, as a local run says them
+    warned = [w for w in json.loads((tmp_path / "free.json").read_text())["warnings"] if "my blob" in w]
+    assert warned and f"medsam3: warning: {warned[0]}" in capsys.readouterr().err
 
 
 def test_submit_endpoint_fuzz_never_500():

@@ -213,7 +213,8 @@ def test_exported_model_segments_with_the_engine(toy_dataset, tmp_path):
         assert stored.get_tensor(key).dtype == torch.float16
     model = load_model(str(tmp_path / "model"), device="cpu")
     assert model.preprocessing == {"field_of_view_mm": 100.0, "mask_threshold": 0.3, "largest_component": ["liver"],
-                                   "concept_mask_thresholds": {"spleen": 0.2}, "empty_geometry_prompt": True}
+                                   "concept_mask_thresholds": {"spleen": 0.2}, "empty_geometry_prompt": True,
+                                   "trained_concepts": ["Liver", "Spleen"], "trained_modalities": ["CT"]}
     assert model.video is not None
     loaded = model.detector.dot_product_scoring.text_proj.weight
     assert loaded.dtype == torch.float32
@@ -488,3 +489,19 @@ def test_body_mask_policy_is_trained_with_and_exported(toy_dataset, tmp_path):
     exported = json.loads((tmp_path / "model" / "medsam3_preprocessing.json").read_text())
     assert exported["body_mask"] is True
     assert load_model(str(tmp_path / "model"), device="cpu").preprocessing["body_mask"] is True
+
+
+def test_the_exported_model_lists_what_it_was_trained_on(toy_dataset, tmp_path):
+    """The export writes ``trained_concepts`` (the dataset's, added to the initial model's) and the
+    dataset's declared modality, which the engine then warns by."""
+    from Training.train import Trainer
+
+    config = tiny_config(toy_dataset, tmp_path, steps=1)
+    trainer = Trainer(config)
+    trainer.bundle.preprocess["trained_concepts"] = ["Aorta"]  # as if the initial model had listed it
+    from Training.train import record_knowledge
+
+    record_knowledge(trainer.bundle.preprocess, trainer.train_set.spec)
+    trainer.run()
+    exported = json.loads((tmp_path / "model" / "medsam3_preprocessing.json").read_text())
+    assert exported["trained_concepts"] == ["Aorta", "Liver", "Spleen"] and exported["trained_modalities"] == ["CT"]

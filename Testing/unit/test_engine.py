@@ -494,3 +494,33 @@ def test_progress_estimates_the_time_left_from_the_work_done():
     tracker.advance(1, "finding start slices")
     assert events[-1].eta_s == pytest.approx(37.0 * 998)
     assert [format_duration(s) for s in (3, 44, 600, 3600, 11400)] == ["3 s", "45 s", "10 min", "1 h", "3 h 10 min"]
+
+
+def test_a_model_says_what_it_was_not_trained_on(segmenter, phantom, monkeypatch):
+    """``trained_concepts`` / ``trained_modalities`` of a model folder: a prompt outside them (by any
+    synonym) or a volume of another modality gets one sentence in the result's warnings; the result
+    is still computed; a model that lists nothing (SAM3's open vocabulary) warns of nothing."""
+    options = SegmentOptions(mode="slices", **LOW)
+    plain = segmenter.segment(Volume(phantom, modality="CT"), ["liver", "spleen"], options)
+    assert not [w for w in plain.warnings if "trained" in w]
+    monkeypatch.setattr(segmenter.model, "preprocessing", {**segmenter.model.preprocessing,
+                                                           "trained_concepts": ["hepar", "Aorta"],
+                                                           "trained_modalities": ["CT"]})
+    result = segmenter.segment(Volume(phantom, modality="CT"), ["liver", "spleen"], options)
+    assert [w for w in result.warnings if "trained" in w] == [
+        "this model was not trained on 'spleen': its result means little; it knows Aorta, hepar"]
+    assert result.labels[1].name == "Spleen"  # computed all the same
+    on_mr = segmenter.segment(Volume(phantom, modality="MR"), ["liver"], options)
+    assert [w for w in on_mr.warnings if "trained" in w] == ["this model was trained on CT only; the volume is MR"]
+
+
+def test_trained_concepts_of_a_model_folder_are_validated(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    for key in ("trained_concepts", "trained_modalities"):
+        (folder / "medsam3_preprocessing.json").write_text(json.dumps({key: "liver"}))
+        with pytest.raises(ModelLoadError, match=f"{key} must be a list of names"):
+            load_model(str(folder), device="cpu")
