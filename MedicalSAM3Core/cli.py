@@ -155,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--bpe", type=Path, help="CLIP bpe_simple_vocab_16e6.txt.gz (default: from an installed "
                                                "open_clip_torch, or $MEDSAM3_CLIP_BPE)")
 
-    sub.add_parser("prompts", help="list the prompt dictionary (canonical names and synonyms)")
+    words = sub.add_parser("prompts", help="list the prompt dictionary by category: names, SNOMED CT codes, synonyms")
+    words.add_argument("--search", metavar="WORD",
+                       help="only the concepts whose name or a synonym contains WORD, or is spelt like it")
     tiny = sub.add_parser("make-tiny-model", help="write a tiny RANDOM-WEIGHT SAM3 model (tests, smoke runs)")
     tiny.add_argument("output", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
@@ -202,9 +204,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"wrote {out}; use it with: medsam3 segment CT.nii.gz -p liver --model {out}")
             return 0
         if args.command == "prompts":
-            for concept in default_dictionary().concepts:
-                print(f"{concept.name:24s} {', '.join(concept.synonyms)}")
-            return 0
+            return _list_prompts(args.search)
         if args.command == "make-tiny-model":
             from .imaging.outputs import check_output_folder
             from .inference.tiny import build_tiny_model
@@ -348,6 +348,37 @@ def _progress_bar(quiet: bool, device: Optional[str] = None, server: Optional[st
             bar.close()
 
     return update
+
+
+def _list_prompts(search: Optional[str]) -> int:
+    """``medsam3 prompts``: the dictionary's concepts grouped by category, each with its SNOMED CT
+    type (laterality modifier and region where it has them) and synonyms; ``search`` keeps the
+    matches of :meth:`PromptDictionary.search`."""
+    dictionary = default_dictionary()
+    concepts = dictionary.concepts if search is None else dictionary.search(search)
+    if not concepts:
+        print(f"no concept of the prompt dictionary matches {search!r}; as a prompt it is sent to the model as "
+              "free text (SAM3 is open-vocabulary), with a warning")
+        return 0
+    by_category: dict[str, list] = {}
+    for concept in concepts:
+        by_category.setdefault(concept.category.meaning, []).append(concept)
+    for category, members in by_category.items():
+        print(category)
+        for concept in members:
+            print(f"  {concept.name:24s} {_code_text(concept):40s} {', '.join(concept.synonyms)}")
+    return 0
+
+
+def _code_text(concept) -> str:
+    """``SCT 64033007 Kidney + Left`` (``, in Brain`` where the concept has a region)."""
+    kind = concept.type
+    text = f"{kind.scheme} {kind.code} {kind.meaning}"
+    if kind.modifier is not None:
+        text += f" + {kind.modifier.meaning}"
+    if concept.region is not None:
+        text += f", in {concept.region.meaning}"
+    return text
 
 
 def _print_summary(result, paths) -> None:

@@ -156,6 +156,16 @@ class PromptDictionary:
     def lookup(self, text: str) -> Optional[Concept]:
         return self._by_key.get(normalize(text))
 
+    def search(self, text: str) -> list[Concept]:
+        """Concepts whose name or a synonym contains ``text`` (compared as :func:`normalize` writes
+        them), then those spelt like it (:meth:`suggest`), in dictionary order within each kind."""
+        key = normalize(text)
+        if not key:
+            return []
+        found = [c for c in self.concepts if any(key in normalize(n) for n in (c.name, *c.synonyms))]
+        similar = [self.lookup(name) for name in self.suggest(text)]
+        return found + [c for c in similar if c is not None and c not in found]
+
     def suggest(self, text: str, n: int = 3) -> tuple[str, ...]:
         matches = difflib.get_close_matches(normalize(text), list(self._by_key), n=n * 3, cutoff=0.6)
         names: list[str] = []

@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -301,3 +302,25 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, phantom, tiny_model_dir):
         if process.poll() is None:
             process.kill()
     assert not out.parent.exists() or _files(out.parent) == []
+
+
+def test_prompts_lists_concepts_by_category_with_codes_and_searches(capsys):
+    """``medsam3 prompts``: every concept under its category with its SNOMED CT type (laterality as a
+    modifier) and synonyms; ``--search`` keeps what contains the word or is spelt like it."""
+    from MedicalSAM3Core.cli import main
+    from MedicalSAM3Core.common.prompts import default_dictionary
+
+    assert main(["prompts"]) == 0
+    listing = capsys.readouterr().out
+    assert "Anatomical Structure\n" in listing
+    assert all(f"  {concept.name} " in listing for concept in default_dictionary().concepts)
+    assert re.search(r"  Left kidney +SCT 64033007 Kidney \+ Left +kidney left, l kidney", listing)
+    assert main(["prompts", "--search", "KIDNEY"]) == 0
+    found = capsys.readouterr().out
+    assert "Left kidney" in found and "Right kidney" in found and "Liver" not in found
+    assert main(["prompts", "--search", "oesophagus"]) == 0  # a synonym (British spelling)
+    assert "  Esophagus " in capsys.readouterr().out
+    assert main(["prompts", "--search", "spleeen"]) == 0  # spelt like a name
+    assert "  Spleen " in capsys.readouterr().out
+    assert main(["prompts", "--search", "zzzq"]) == 0
+    assert "no concept of the prompt dictionary matches 'zzzq'" in capsys.readouterr().out
