@@ -99,8 +99,9 @@ def read_volume(path: PathLike, allow_2d: bool = False, series: Optional[str] = 
         reader = _header_reader(path)
         claim = (f"{path}: its header claims a {_size_text(reader.GetSize())} image of "
                  f"{sitk.GetPixelIDValueAsString(reader.GetPixelID())} voxels")
-        _check_memory(claim, _claimed_bytes(reader))
-        _check_file_holds(path, claim, _claimed_bytes(reader))
+        claimed = _claimed_bytes(reader)
+        _check_memory(claim, claimed)
+        _check_file_holds(path, claim, claimed)
         modality = reader.GetMetaData("0008|0060").strip() if reader.HasMetaDataKey("0008|0060") else None
         image = reader.Execute()
     except RuntimeError as error:

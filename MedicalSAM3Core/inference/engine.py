@@ -163,9 +163,10 @@ class Segmenter:
                                                   self.model.preprocessing.get("orientation") or "stored")
         view = orientation.apply(np.moveaxis(volume.array, axis, 0))  # (s, rows, cols) as the model sees them
         modality = self._modality(volume, options)
-        for message in self.knowledge_warnings(resolved, modality):
-            warnings.append(message)
+        knowledge = self.knowledge_warnings(resolved, modality)
+        for message in knowledge:
             log.warning(message)
+        warnings += knowledge
         groups = self._intensity_groups(volume, resolved, options, orientation, modality)
         if uses_body_mask(self.model.preprocessing, modality):
             # the model's policy: arms and table become air, batch by batch as the loops read them

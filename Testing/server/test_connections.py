@@ -200,20 +200,27 @@ def _health_seconds(port: int, timeout: float) -> float:
     return time.monotonic() - started
 
 
+def _flood_then_health(process, port: int, connections: int, timeout: float, within: float) -> str:
+    """Open ``connections`` idle connections, assert /v1/health answers in under ``within`` seconds
+    meanwhile, then close them and stop the server; returns its log."""
+    flood = []
+    try:
+        flood = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(connections)]
+        assert _health_seconds(port, timeout=timeout) < within
+    finally:
+        for sock in flood:
+            sock.close()
+        log = _stop(process)
+    return log
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_NOFILE is POSIX")
 def test_a_flood_beyond_the_open_file_limit_leaves_health_answering_and_the_log_short(tmp_path):
     """The attack of issue #30 scaled down: more idle connections than the process may open files.
     The cap closes the surplus; health answers within about one accept() retry (1 s)."""
     process, port = _serve_with_few_files(tmp_path, open_files=96, limits=ConnectionLimits(max_connections=20,
                                                                                          header_timeout=30.0))
-    flood = []
-    try:
-        flood = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(150)]
-        assert _health_seconds(port, timeout=6.0) < 4.0
-    finally:
-        for sock in flood:
-            sock.close()
-        log = _stop(process)
+    log = _flood_then_health(process, port, connections=150, timeout=6.0, within=4.0)
     assert "Traceback" not in log and log.count("Too many open files") <= 1, log[:3000]
     assert len(log.splitlines()) <= 6, log[:3000]
 
@@ -224,14 +231,7 @@ def test_failed_accepts_are_one_log_line_per_interval_and_the_server_recovers(tm
     logged a traceback per try, thousands a second); the header timeout then frees the files."""
     process, port = _serve_with_few_files(tmp_path, open_files=48, limits=ConnectionLimits(max_connections=1000,
                                                                                          header_timeout=1.0))
-    flood = []
-    try:
-        flood = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(80)]
-        assert _health_seconds(port, timeout=8.0) < 6.0
-    finally:
-        for sock in flood:
-            sock.close()
-        log = _stop(process)
+    log = _flood_then_health(process, port, connections=80, timeout=8.0, within=6.0)
     assert "Traceback" not in log and log.count("Too many open files") == 1, log[:3000]
     assert "out of system resource: [Errno 24] Too many open files; lower --max-connections" in log
 

@@ -494,13 +494,11 @@ def test_body_mask_policy_is_trained_with_and_exported(toy_dataset, tmp_path):
 def test_the_exported_model_lists_what_it_was_trained_on(toy_dataset, tmp_path):
     """The export writes ``trained_concepts`` (the dataset's, added to the initial model's) and the
     dataset's declared modality, which the engine then warns by."""
-    from Training.train import Trainer
+    from Training.train import Trainer, record_knowledge
 
     config = tiny_config(toy_dataset, tmp_path, steps=1)
     trainer = Trainer(config)
     trainer.bundle.preprocess["trained_concepts"] = ["Aorta"]  # as if the initial model had listed it
-    from Training.train import record_knowledge
-
     record_knowledge(trainer.bundle.preprocess, trainer.train_set.spec)
     trainer.run()
     exported = json.loads((tmp_path / "model" / "medsam3_preprocessing.json").read_text())
