@@ -257,7 +257,8 @@ def _segment(args: argparse.Namespace) -> int:
     volume = read_volume(args.input, series=args.series)
     # room for the outputs, now that their size is known, before the model loads
     check_writable(paths, args.overwrite, inputs=[args.input],
-                   needed_bytes=output_bytes(paths, volume.shape, np.dtype(args.label_type), len(prompts)))
+                   needed_bytes=output_bytes(paths, volume.shape, np.dtype(args.label_type),
+                                              default_dictionary().most_labels(prompts)))
     if args.server:
         from .common.client import Client
         from .serving.serve import read_token
@@ -352,8 +353,8 @@ def _progress_bar(quiet: bool, device: Optional[str] = None, server: Optional[st
 
 def _list_prompts(search: Optional[str]) -> int:
     """``medsam3 prompts``: the dictionary's concepts grouped by category, each with its SNOMED CT
-    type (laterality modifier and region where it has them) and synonyms; ``search`` keeps the
-    matches of :meth:`PromptDictionary.search`."""
+    type (laterality modifier and region where it has them), synonyms, parts (a paired structure)
+    and TotalSegmentator class names; ``search`` keeps the matches of :meth:`PromptDictionary.search`."""
     dictionary = default_dictionary()
     concepts = dictionary.concepts if search is None else dictionary.search(search)
     if not concepts:
@@ -366,7 +367,15 @@ def _list_prompts(search: Optional[str]) -> int:
     for category, members in by_category.items():
         print(category)
         for concept in members:
-            print(f"  {concept.name:24s} {_code_text(concept):40s} {', '.join(concept.synonyms)}")
+            extra = [", ".join(concept.synonyms)] if concept.synonyms else []
+            if concept.parts:
+                extra.append(f"parts: {' + '.join(concept.parts)}")
+            if concept.totalsegmentator:
+                extra.append(f"TotalSegmentator: {', '.join(concept.totalsegmentator)}")
+            print(f"  {concept.name:24s} {_code_text(concept):40s} {'; '.join(extra)}")
+    if search is None:
+        print(f"{len(concepts)} concepts. A paired structure is sent as its parts to a model that does not know it "
+              "as a whole. medsam3 prompts --search WORD shows one.")
     return 0
 
 
@@ -378,6 +387,8 @@ def _code_text(concept) -> str:
         text += f" + {kind.modifier.meaning}"
     if concept.region is not None:
         text += f", in {concept.region.meaning}"
+        if concept.region.modifier is not None:
+            text += f" + {concept.region.modifier.meaning}"
     return text
 
 

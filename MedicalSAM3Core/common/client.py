@@ -28,6 +28,7 @@ from .. import __version__
 from .errors import Cancelled, MedSAM3Error
 from .options import SegmentOptions
 from .progress import CancelToken, ProgressEvent
+from .prompts import default_dictionary
 from .result import SegmentationResult
 from .volume import Volume
 from .wire import MEDIA_TYPE, WIRE_VERSION, decode_result, encode_request
@@ -219,7 +220,8 @@ class Client:
                     progress(event)
                     last = event
                 if status["state"] == "done":
-                    result = self.result(job_id, max_bytes=result_bytes_for(volume.shape, len(prompts)))
+                    labels = default_dictionary().most_labels(prompts)  # "kidneys": two labels
+                    result = self.result(job_id, max_bytes=result_bytes_for(volume.shape, labels))
                     break
                 if status["state"] == "cancelled":
                     raise Cancelled(f"the job was cancelled on the server: {status.get('error')}")
@@ -238,8 +240,9 @@ class Client:
 
 
 def result_bytes_for(shape: Sequence[int], n_prompts: int) -> int:
-    """The most a result for a volume of ``shape`` and ``n_prompts`` prompts decodes to: a label map
-    of up to 2 bytes per voxel and one bit-packed mask per prompt (a larger reply is refused)."""
+    """The most a result for a volume of ``shape`` and ``n_prompts`` labels decodes to: a label map
+    of up to 2 bytes per voxel and one bit-packed mask per label (a larger reply is refused; a
+    paired structure is two labels: :meth:`PromptDictionary.most_labels`)."""
     voxels = int(np.prod(shape, dtype=np.int64))
     return 2 * voxels + n_prompts * (voxels // 8 + 1) + (1 << 16)
 

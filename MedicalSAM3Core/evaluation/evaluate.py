@@ -111,7 +111,15 @@ def _sidecar_values(pred_path: Path) -> dict[str, int]:
     if not sidecar.is_file():
         return {}
     data = json.loads(sidecar.read_text(encoding="utf-8"))
-    return {normalize(label["name"]): int(label["value"]) for label in data.get("labels", [])}
+    return {_label_key(label["name"]): int(label["value"]) for label in data.get("labels", [])}
+
+
+def _label_key(name: str) -> str:
+    """A structure name as sidecars and rules are matched: its concept's canonical name when the
+    prompt dictionary knows it (a sidecar written before a concept was renamed, "Vertebra", still
+    matches "Vertebrae"), else the name as :func:`normalize` writes it."""
+    concept = default_dictionary().lookup(name)
+    return concept.name if concept is not None else normalize(name)
 
 
 def align_to(truth: Volume, reference: Volume) -> np.ndarray:
@@ -185,7 +193,7 @@ def evaluate(preds: dict[str, Path], gt: Path, rules: list[LabelRule], tolerance
                 scan = read_volume(source)
                 backgrounds[case] = _display(align_to(scan, prediction), scan.modality)
             for rule in rules:
-                value = rule.pred if rule.pred is not None else from_sidecar.get(normalize(rule.name))
+                value = rule.pred if rule.pred is not None else from_sidecar.get(_label_key(rule.name))
                 if value is None:
                     raise InputError(f"{pred_path}: no label value for {rule.name!r} (give it as {rule.name}=VALUE:GT, "
                                      "or keep the sidecar JSON next to the prediction)")

@@ -142,7 +142,7 @@ class Segmenter:
         """
         options = options or SegmentOptions()
         options.validate()
-        resolved = self.dictionary.resolve_all(list(prompts))
+        resolved = self.dictionary.resolve_all(list(prompts), self.model.preprocessing.get("trained_concepts"))
         thresholds = self.mask_thresholds(resolved, options)
         options = replace(options, mask_threshold=self._mask_threshold(options))  # recorded in the sidecar
         warnings = [p.warning for p in resolved if p.warning]
@@ -217,20 +217,23 @@ class Segmenter:
         return [chosen.get(p.concept.name, default) if p.concept is not None else default for p in prompts]
 
     def knowledge_warnings(self, prompts: Sequence[ResolvedPrompt], modality: str) -> list[str]:
-        """One sentence per prompt outside the concepts the model was trained on, and one if the volume's
+        """One sentence per prompt outside the concepts the model was trained on (``trained`` of the
+        prompts, resolved against the model's list), and one if the volume's
         modality is outside its training modalities (``trained_concepts`` / ``trained_modalities`` of its
         medsam3_preprocessing.json; a model that lists none, such as SAM3's open-vocabulary weights,
         gets no warning). The result is still computed: the user decides what it is worth."""
         preprocessing = self.model.preprocessing
         warnings = []
         trained = preprocessing.get("trained_concepts")
-        if trained is not None:
-            known = {self._concept_key(name) for name in trained}
-            for prompt in prompts:
-                key = prompt.concept.name if prompt.concept is not None else prompt.model_text.lower()
-                if key not in known:
-                    warnings.append(f"this model was not trained on {prompt.user_text!r}: its result means little; "
-                                    f"it knows {', '.join(sorted(trained, key=str.lower))}")
+        unknown: dict[str, list[ResolvedPrompt]] = {}  # one sentence per prompt typed, whatever its parts
+        for prompt in prompts:
+            if prompt.trained is False:
+                unknown.setdefault(prompt.user_text, []).append(prompt)
+        for user_text, parts in unknown.items():
+            sent = " and ".join(repr(p.model_text) for p in parts)
+            what = repr(user_text) if parts[0].part_of is None else f"{user_text!r} (sent as {sent})"
+            warnings.append(f"this model was not trained on {what}: its result means little; "
+                            f"it knows {', '.join(sorted(trained or (), key=str.lower))}")
         modalities = preprocessing.get("trained_modalities")
         if modalities and modality.upper() not in {m.upper() for m in modalities}:
             warnings.append(f"this model was trained on {' and '.join(modalities)} only; the volume is {modality}")

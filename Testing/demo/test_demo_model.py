@@ -165,7 +165,7 @@ def test_the_demo_model_says_what_it_does_not_know(sample_data, tmp_path):
     outside them, or an MR volume, is said in one sentence on the CLI's output and in the sidecar,
     and the known prompt is still segmented."""
     env = {k: v for k, v in os.environ.items() if k != "MEDSAM3_MODEL"}
-    runs = {"ct": (REPO / "Resources" / "sample" / "example_ct_sm.nii.gz", "liver, brain tumor"),
+    runs = {"ct": (REPO / "Resources" / "sample" / "example_ct_sm.nii.gz", "liver, brain tumor, kidneys, vertebrae"),
             "mr": (sample_data / "example_mr_sm.nii.gz", "liver")}
     for name, (scan, prompts) in runs.items():
         output = tmp_path / f"{name}.nii.gz"
@@ -179,3 +179,13 @@ def test_the_demo_model_says_what_it_does_not_know(sample_data, tmp_path):
         assert expected in done.stderr, done.stderr[-2000:]
         assert sum(expected in w for w in sidecar["warnings"]) == 1, sidecar["warnings"]
         assert not any("not trained on 'liver'" in w for w in sidecar["warnings"])
+        if name == "ct":
+            # a paired structure is sent as the sides the model learnt; a renamed concept ("Vertebrae") as
+            # the phrase this model learnt ("Vertebra"); neither is warned about
+            labels = {label["name"]: label for label in sidecar["labels"]}
+            assert [label["name"] for label in sidecar["labels"]] == ["Liver", "Brain Tumor", "Left kidney",
+                                                                      "Right kidney", "Vertebrae"]
+            assert labels["Left kidney"]["prompt"] == labels["Right kidney"]["prompt"] == "kidneys"
+            assert labels["Vertebrae"]["model_text"] == "Vertebra"
+            assert labels["Left kidney"]["voxel_count"] > 0 and labels["Right kidney"]["voxel_count"] > 0
+            assert len([w for w in sidecar["warnings"] if "not trained on" in w]) == 1

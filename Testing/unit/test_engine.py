@@ -510,6 +510,13 @@ def test_a_model_says_what_it_was_not_trained_on(segmenter, phantom, monkeypatch
     assert [w for w in result.warnings if "trained" in w] == [
         "this model was not trained on 'spleen': its result means little; it knows Aorta, hepar"]
     assert result.labels[1].name == "Spleen"  # computed all the same
+    assert result.labels[0].model_text == "hepar"  # the model is sent the phrase it learnt
+    # a paired structure the model knows neither as a whole nor by side: both sides, one sentence
+    pair = segmenter.segment(Volume(phantom, modality="CT"), ["adrenal glands"], options)
+    assert [label.name for label in pair.labels] == ["Left adrenal gland", "Right adrenal gland"]
+    assert [w for w in pair.warnings if "trained" in w] == [
+        "this model was not trained on 'adrenal glands' (sent as 'Left adrenal gland' and 'Right adrenal gland'): "
+        "its result means little; it knows Aorta, hepar"]
     on_mr = segmenter.segment(Volume(phantom, modality="MR"), ["liver"], options)
     assert [w for w in on_mr.warnings if "trained" in w] == ["this model was trained on CT only; the volume is MR"]
 
