@@ -291,10 +291,12 @@ class PromptDictionary:
         """One prompt as a concept (a group is not expanded here: :meth:`resolve_all` does) and the
         text to send for it, given the model's ``vocabulary`` (its ``trained_concepts``; ``None``
         when it lists none)."""
+        return self._resolve(text, position, self._vocabulary(vocabulary))
+
+    def _resolve(self, text: str, position: int, known: Optional[dict[str, str]]) -> ResolvedPrompt:
         if not isinstance(text, str) or not text.strip():
             raise InputError("empty prompt: give a structure name such as 'liver'")
         cleaned = " ".join(text.split())
-        known = self._vocabulary(vocabulary)
         concept = self.lookup(cleaned)
         if concept is not None:
             return self._resolved(cleaned, concept, known)
@@ -341,7 +343,7 @@ class PromptDictionary:
         known = self._vocabulary(vocabulary)
         resolved: list[ResolvedPrompt] = []
         for position, text in enumerate(texts):
-            prompt = self.resolve(text, position, vocabulary)
+            prompt = self._resolve(text, position, known)
             concept = prompt.concept
             if concept is not None and concept.parts and not prompt.trained:
                 resolved += [self._resolved(prompt.user_text, self._by_name[part], known, concept.name)
