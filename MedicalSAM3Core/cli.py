@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("-o", "--output", type=Path, help="label map path (.nii.gz/.nrrd/.mha; default "
                                                          "<input>_medsam3.nii.gz in the current folder)")
     seg.add_argument("--seg-nrrd", action="store_true", help="also write <output>.seg.nrrd for 3D Slicer")
+    seg.add_argument("--dicom-seg", action="store_true",
+                     help="also write <output>.seg.dcm, a DICOM Segmentation referencing the input DICOM series "
+                          "(for PACS; needs a DICOM series input and highdicom)")
     seg.add_argument("--overlay", action="store_true", help="also write <output>_overlay.png to look at")
     seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
     seg.add_argument("--mode", choices=["propagate", "slices"], default="propagate",
@@ -239,7 +242,11 @@ def _segment(args: argparse.Namespace) -> int:
         raise InputError(f"{len(prompts)} prompts do not fit a {args.label_type} label map (at most "
                          f"{label_capacity(np.dtype(args.label_type))}); use --label-type uint16")
     output = args.output or _output_default(args.input)
-    paths = OutputPaths.beside(output, seg_nrrd=args.seg_nrrd, overlay=args.overlay)
+    paths = OutputPaths.beside(output, seg_nrrd=args.seg_nrrd, overlay=args.overlay, dicom_seg=args.dicom_seg)
+    if args.dicom_seg:
+        from .imaging.dicom_seg import require_highdicom
+
+        require_highdicom()
     check_writable(paths, args.overwrite, inputs=[args.input])  # names and folders, before the input is read
     if args.server and args.model:
         raise InputError("--model and --server exclude each other: the server segments with the model it was "
@@ -255,6 +262,13 @@ def _segment(args: argparse.Namespace) -> int:
                              label_dtype=args.label_type)
     options.validate()
     volume = read_volume(args.input, series=args.series)
+    if args.dicom_seg:
+        if not volume.dicom_files:
+            raise InputError(f"--dicom-seg needs a DICOM series as input (a folder of slices): a DICOM SEG references "
+                             f"the series it segments; {args.input} is not one")
+        from .imaging.dicom_seg import read_series_headers
+
+        read_series_headers(volume.dicom_files)  # a series a SEG cannot reference is refused before the model loads
     # room for the outputs, now that their size is known, before the model loads
     check_writable(paths, args.overwrite, inputs=[args.input],
                    needed_bytes=output_bytes(paths, volume.shape, np.dtype(args.label_type),

@@ -1,8 +1,8 @@
 """Write ``requirements/constraints.txt``: the versions ``make test`` installs and CI tests.
 
 Run through ``make lock`` (which installs uv into the project's venv first). It resolves the
-newest versions that ``pyproject.toml`` allows (its dependencies and its ``dev``, ``train`` and
-``convert`` extras) with ``uv pip compile``: one version per package for every platform and every
+newest versions that ``pyproject.toml`` allows (its dependencies and its ``dev``, ``train``,
+``convert`` and ``dicom`` extras) with ``uv pip compile``: one version per package for every platform and every
 CPython from 3.11 (``--universal --fork-strategy fewest``), resolved around the torch and
 torchvision of the environment it runs in (the build the tests ran with). torch, torchvision and the
 packages only they need (CUDA libraries, triton, sympy, ...) are then left out of the file: their
@@ -46,7 +46,7 @@ FOLDER = REPO / "requirements"
 OUTPUT = FOLDER / "constraints.txt"
 sys.path.insert(0, str(REPO / "MedicalSAM3Slicer"))  # the module's installer: one list of what Slicer needs
 from MedicalSAM3Lib import dependencies  # noqa: E402
-EXTRAS = ("dev", "train", "convert")
+EXTRAS = ("dev", "train", "convert", "dicom")
 LOWEST_PYTHON = "3.11"  # transformers' newest releases need it; 3D Slicer 5.10 and 5.12 ship 3.12
 #: Left to the user's own build, with everything that only they pull in.
 TORCH_STACK = ("torch", "torchvision")

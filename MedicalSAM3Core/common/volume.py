@@ -124,6 +124,9 @@ class Volume:
     geometry: Geometry = field(default_factory=Geometry)
     modality: Optional[str] = None
     source: Optional[str] = None
+    #: for a DICOM series: its files in slice order (``array[k]`` is ``dicom_files[k]``), what a
+    #: DICOM SEG of a result references; empty for every other input
+    dicom_files: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         array = np.asarray(self.array)

@@ -55,7 +55,8 @@ def _apply_geometry(image: sitk.Image, geometry: Geometry) -> sitk.Image:
     return image
 
 
-def _to_volume(image: sitk.Image, source: str, modality: Optional[str], allow_2d: bool = False) -> Volume:
+def _to_volume(image: sitk.Image, source: str, modality: Optional[str], allow_2d: bool = False,
+               dicom_files: tuple[str, ...] = ()) -> Volume:
     if allow_2d and image.GetDimension() == 2:
         if image.GetNumberOfComponentsPerPixel() in (3, 4):  # RGB(A) photo: luminance (ITU-R BT.601)
             channels = [sitk.VectorIndexSelectionCast(image, c, sitk.sitkFloat32) for c in range(3)]
@@ -72,7 +73,8 @@ def _to_volume(image: sitk.Image, source: str, modality: Optional[str], allow_2d
         size = "x".join(str(s) for s in image.GetSize())
         kind = "a 2D image" if dim == 2 else f"a {dim}D image (e.g. a time series)"
         raise InputError(f"{source}: is {kind} of size {size}; a 3D volume is needed")
-    return Volume(sitk.GetArrayFromImage(image), _geometry_of(image, source), modality=modality, source=source)
+    return Volume(sitk.GetArrayFromImage(image), _geometry_of(image, source), modality=modality, source=source,
+                  dicom_files=dicom_files)
 
 
 def read_volume(path: PathLike, allow_2d: bool = False, series: Optional[str] = None) -> Volume:
@@ -288,7 +290,7 @@ def _read_dicom_series(folder: Path, series: Optional[str]) -> Volume:
     modality = None
     if reader.HasMetaDataKey(0, "0008|0060"):
         modality = reader.GetMetaData(0, "0008|0060").strip() or None
-    return _to_volume(image, str(folder), modality)
+    return _to_volume(image, str(folder), modality, dicom_files=tuple(files))
 
 
 def _choose_series(folder: Path, files_by_series: dict[str, Sequence[str]], series: Optional[str]) -> str:

@@ -45,10 +45,12 @@ class OutputPaths:
     sidecar: Optional[Path] = None
     seg_nrrd: Optional[Path] = None
     overlay_png: Optional[Path] = None
+    dicom_seg: Optional[Path] = None
 
     @classmethod
-    def beside(cls, label_map: Path, seg_nrrd: bool = False, overlay: bool = False) -> "OutputPaths":
-        """Sidecar (and optionally .seg.nrrd / .png) named after the label map."""
+    def beside(cls, label_map: Path, seg_nrrd: bool = False, overlay: bool = False,
+               dicom_seg: bool = False) -> "OutputPaths":
+        """Sidecar (and optionally .seg.nrrd / .png / DICOM SEG ``.seg.dcm``) named after the label map."""
         label_map = Path(label_map)
         name = label_map.name
         for ext in LABEL_MAP_FORMATS + (".mhd", ".nhdr"):
@@ -58,10 +60,12 @@ class OutputPaths:
         stem = label_map.with_name(name)
         return cls(label_map, stem.with_name(name + ".json"),
                    stem.with_name(name + ".seg.nrrd") if seg_nrrd else None,
-                   stem.with_name(name + "_overlay.png") if overlay else None)
+                   stem.with_name(name + "_overlay.png") if overlay else None,
+                   stem.with_name(name + ".seg.dcm") if dicom_seg else None)
 
     def all(self) -> list[Path]:
-        return [p for p in (self.label_map, self.sidecar, self.seg_nrrd, self.overlay_png) if p is not None]
+        return [p for p in (self.label_map, self.sidecar, self.seg_nrrd, self.overlay_png, self.dicom_seg)
+                if p is not None]
 
 
 def _replaces_input(output: Path, source: Path) -> bool:
@@ -146,35 +150,43 @@ def output_bytes(paths: OutputPaths, shape: Sequence[int], label_dtype: np.dtype
     """An upper bound of the bytes that the outputs ``paths`` of a ``(z, y, x)`` label map take.
 
     The label map and the .seg.nrrd count uncompressed (deflate can only shrink them, give or take
-    0.1% of framing), the PNG overlay as its raw RGB rows, the sidecar a generous 4 KiB per label;
-    each file gets 64 KiB more for its header.
+    0.1% of framing), the PNG overlay as its raw RGB rows, the sidecar a generous 4 KiB per label,
+    the DICOM SEG one bit per voxel per label (binary frames) and 1 KiB per frame of per-frame
+    headers; each file gets 64 KiB more for its header.
     """
     z, y, x = shape
     label_map = z * y * x * np.dtype(label_dtype).itemsize
     overlay = y * (1 + 3 * OVERLAY_SLICES * x)  # its rows of RGB pixels, each with a filter byte
     sizes = [(paths.label_map, label_map), (paths.sidecar, n_labels * _LABEL_JSON_BYTES),
-             (paths.seg_nrrd, label_map), (paths.overlay_png, overlay)]
+             (paths.seg_nrrd, label_map), (paths.overlay_png, overlay),
+             (paths.dicom_seg, n_labels * z * (y * x // 8 + 1 + 1024))]
     return sum(n + n // 1000 + _FILE_ALLOWANCE for path, n in sizes if path is not None)
 
 
 def write_result(result: SegmentationResult, paths: OutputPaths, volume: Optional[Volume] = None) -> None:
     """Write every requested output of ``result``; all appear together or none does.
 
-    ``volume`` (the input) is needed for the PNG overlay only. A failure to write (a full disk, a
-    folder made read-only meanwhile) removes whatever was staged and raises :class:`OutputError`.
+    ``volume`` (the input) is needed for the PNG overlay and the DICOM SEG (which references the
+    input's DICOM series). A failure to write (a full disk, a folder made read-only meanwhile)
+    removes whatever was staged and raises :class:`OutputError`.
     """
-    if paths.overlay_png is not None and volume is None:
-        raise InputError("an overlay PNG needs the input volume")
+    if (paths.overlay_png is not None or paths.dicom_seg is not None) and volume is None:
+        raise InputError("an overlay PNG or a DICOM SEG needs the input volume")
     sidecar = result.sidecar_json() if paths.sidecar is not None else None  # refused before any file is staged
+    seg = None
+    if paths.dicom_seg is not None:  # built (and refused) before any file is staged
+        from .dicom_seg import dicom_seg
+
+        seg = dicom_seg(result, volume.dicom_files)
     try:
-        _write_staged(result, paths, volume, sidecar)
+        _write_staged(result, paths, volume, sidecar, seg)
     except OSError as error:
         raise OutputError(f"cannot write the outputs in {paths.label_map.parent}: {_reason(error)}; "
                           "nothing was written") from None
 
 
 def _write_staged(result: SegmentationResult, paths: OutputPaths, volume: Optional[Volume],
-                  sidecar: Optional[str]) -> None:
+                  sidecar: Optional[str], seg=None) -> None:
     """Write each output under a temporary name, then rename them all into place (see :func:`write_result`)."""
     with ExitStack() as stack:
         staged: list[tuple[Path, Path]] = []
@@ -191,6 +203,10 @@ def _write_staged(result: SegmentationResult, paths: OutputPaths, volume: Option
             write_image(seg_nrrd_image(result), stage(paths.seg_nrrd))
         if paths.overlay_png is not None:
             write_image(overlay_image(volume, result), stage(paths.overlay_png), compress=False)
+        if seg is not None:
+            from .dicom_seg import write_dicom_seg
+
+            write_dicom_seg(seg, stage(paths.dicom_seg))
         for tmp, final in staged:
             os.replace(tmp, final)
 

@@ -489,8 +489,10 @@ def convert_state_dict(state: Mapping[str, Tensor], source: str = "checkpoint",
                 else:
                     unknown.append(f"tracker.{match.group(0)}")
             elif kind == "shared_positional_embedding":
+                # Two separate parameters in transformers: one tensor under both keys would make them
+                # share storage, and save_pretrained refuses that (no video model could be written).
                 out["tracker_model.prompt_encoder.shared_embedding.positional_embedding"] = tensor
-                out["tracker_model.shared_image_embedding.positional_embedding"] = tensor
+                out["tracker_model.shared_image_embedding.positional_embedding"] = tensor.clone()
             elif kind == "point_embedding":
                 point_embeddings[int(match.group(1))] = tensor
 

@@ -183,6 +183,29 @@ def test_tensor_layouts_on_real_values(video_state):
                        real["tracker.maskmem_backbone.mask_downsampler.encoder.4.bias"])
 
 
+def test_no_two_converted_weights_share_a_tensor(video_state):
+    """The tracker's Fourier matrix fills two transformers parameters: each gets its own tensor.
+
+    One tensor under two keys makes the loaded parameters share storage, and transformers'
+    ``save_pretrained`` refuses shared tensors that are not declared tied, so no converted video
+    model (SAM3 as published, Medical SAM3 3D) could be written (found by Testing/parity/parity_tracker.py).
+    """
+    state = dict(video_state)
+    key = "tracker.sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
+    state[key] = torch.randn(video_state[key].shape)
+    out = convert_state_dict(state).state_dict
+    prompt = out["tracker_model.prompt_encoder.shared_embedding.positional_embedding"]
+    image = out["tracker_model.shared_image_embedding.positional_embedding"]
+    assert torch.equal(prompt, state[key]) and torch.equal(image, state[key])
+    real = [(name, t) for name, t in out.items() if t.device.type != "meta"]
+    pointers = [(t.data_ptr(), tuple(t.shape)) for _, t in real]
+    assert len(set(pointers)) == len(pointers), [name for name, _ in real]
+    model = load_strict(convert_state_dict(state))
+    tracker = model.tracker_model
+    assert tracker.prompt_encoder.shared_embedding.positional_embedding is not \
+        tracker.shared_image_embedding.positional_embedding
+
+
 # ---- LoRA ---------------------------------------------------------------------------------
 
 

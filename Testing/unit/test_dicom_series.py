@@ -67,6 +67,7 @@ def _write_slice(path, array, position, orientation, uid, i, description):
         "0008|103e": description,
         "0020|000d": "1.2.826.0.1.3680043.8.498.1",  # Study Instance UID
         "0020|000e": uid,
+        "0020|0052": "1.2.826.0.1.3680043.8.498.2",  # Frame of Reference UID
         "0020|0013": str(i + 1),
         "0020|0032": "\\".join(f"{v:.6f}" for v in position),
         "0020|0037": "\\".join(f"{v:.6f}" for v in np.ravel(orientation)),
