@@ -12,6 +12,8 @@ name), or a JSON file: ``{"liver": {"pred": 1, "gt": [5]}}``, or a dataset JSON 
 pipeline (``"labels": {"5": "liver", ...}``: ground-truth values per concept, prediction values
 from the sidecars). Prediction and truth must be on the same voxel grid; a truth stored with its
 axes flipped or permuted over the same voxel centres (as some exporters do) is re-indexed exactly.
+Either side may be a DICOM SEG (``.seg.dcm``): its frames are placed on the other side's grid, and
+a SEG prediction's values by name come from its segment labels.
 
 Writes (never over existing files without ``--overwrite``): ``metrics.csv`` (model, case,
 structure, metrics, voxel counts, case type), ``summary.md`` (mean and median per model and
@@ -41,7 +43,7 @@ from ..common.volume import Volume
 if TYPE_CHECKING:  # metrics (scipy) is imported when evaluating, not when the CLI starts
     from .metrics import Scores
 
-_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".seg.nrrd")
+_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".seg.nrrd", ".seg.dcm")
 
 
 @dataclass
@@ -62,8 +64,8 @@ def _case_id(path: Path) -> str:
 def _cases(path: Path) -> dict[str, Path]:
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
-    if path.is_file() or any(path.glob("*.dcm")):
-        return {_case_id(path): path}
+    if path.is_file() or any(not p.name.lower().endswith(".seg.dcm") for p in path.glob("*.dcm")):
+        return {_case_id(path): path}  # a file, or a DICOM series folder
     found = {_case_id(p): p for p in sorted(path.iterdir()) if p.is_file() and p.name.lower().endswith(_EXTENSIONS)
              and not p.name.lower().endswith(".seg.nrrd")}
     if not found:
@@ -104,6 +106,28 @@ def parse_labels(text: str) -> list[LabelRule]:
     if not rules:
         raise InputError("--labels is empty")
     return rules
+
+
+def _read_pair(pred_path: Path, gt_path: Path) -> tuple[Volume, Volume, Optional[dict[str, int]]]:
+    """Prediction and truth volumes; a DICOM SEG on either side is placed on the other side's grid.
+    Returns the prediction's values by structure name too when it is a SEG (its segment labels
+    and numbers, what a sidecar says otherwise)."""
+    from ..imaging.dicom_seg import is_dicom_seg, read_dicom_seg
+    from ..imaging.io import read_volume
+
+    pred_seg, gt_seg = is_dicom_seg(pred_path), is_dicom_seg(gt_path)
+    if pred_seg and gt_seg:
+        raise InputError(f"{pred_path} and {gt_path} are both DICOM SEGs: one side must be an image (a label map "
+                         "or a DICOM series) to give the voxel grid the SEG is placed on")
+    if pred_seg:
+        truth = read_volume(gt_path)
+        array, names = read_dicom_seg(pred_path, truth)
+        return Volume(array, truth.geometry, source=str(pred_path)), truth, {_label_key(k): v for k, v in names.items()}
+    prediction = read_volume(pred_path)
+    if gt_seg:
+        array, _ = read_dicom_seg(gt_path, prediction)
+        return prediction, Volume(array, prediction.geometry, source=str(gt_path)), None
+    return prediction, read_volume(gt_path), None
 
 
 def _sidecar_values(pred_path: Path) -> dict[str, int]:
@@ -182,10 +206,10 @@ def evaluate(preds: dict[str, Path], gt: Path, rules: list[LabelRule], tolerance
                 raise InputError(f"{model}: no ground truth for case(s) {', '.join(missing)} in {gt}")
             pairs = [(case, path, gt_cases[case]) for case, path in pred_cases.items()]
         for case, pred_path, gt_path in pairs:
-            prediction, truth = read_volume(pred_path), read_volume(gt_path)
+            prediction, truth, segment_numbers = _read_pair(pred_path, gt_path)
             truth_array = align_to(truth, prediction)
             spacing_zyx = prediction.geometry.spacing[::-1]
-            from_sidecar = _sidecar_values(pred_path)
+            from_sidecar = segment_numbers if segment_numbers is not None else _sidecar_values(pred_path)
             if image_cases and case not in backgrounds:
                 source = image_cases.get(case) or (next(iter(image_cases.values())) if len(image_cases) == 1 else None)
                 if source is None:

@@ -19,13 +19,16 @@ SEG is an :class:`~MedicalSAM3Core.common.errors.InputError` that says how to in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from .. import __version__
 from ..common.errors import InputError
 from ..common.result import LabelInfo, SegmentationResult
+
+if TYPE_CHECKING:
+    from ..common.volume import Volume
 
 #: Private coding scheme of the concepts SNOMED CT has no code for (see Resources/prompts.json).
 PRIVATE_SCHEME = "99MEDSAM3"
@@ -188,3 +191,72 @@ def write_dicom_seg(dataset, path: Path) -> None:
     """Write ``dataset`` as a DICOM file (Part 10, with its file meta information)."""
     _, pydicom = _import()
     pydicom.dcmwrite(str(path), dataset, enforce_file_format=True)
+
+
+def is_dicom_seg(path: Path) -> bool:
+    """Is ``path`` a DICOM Segmentation file (by name ``*.seg.dcm``, else by its Modality)?"""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.name.lower().endswith(".seg.dcm"):
+        return True
+    if not path.name.lower().endswith(".dcm"):
+        return False
+    try:
+        import pydicom
+    except ImportError:
+        return False
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"]).get("Modality") == "SEG"
+    except Exception:  # not DICOM at all: the reader says what it is
+        return False
+
+
+def read_dicom_seg(path: Path, reference: "Volume") -> tuple[np.ndarray, dict[str, int]]:
+    """A DICOM SEG's segments as a label map ``(z, y, x)`` on ``reference``'s grid (value = segment
+    number; where segments overlap, the higher number), and ``{segment label: number}``.
+
+    Every frame must lie on the reference grid: its pixels' LPS positions (frame position, row and
+    column directions and spacings) on voxel centres, with its rows and columns along grid axes
+    (flipped or permuted axes are fine), else an :class:`InputError` names the frame. Frames the
+    SEG omits (empty ones) stay 0. Read with pydicom, independently of highdicom.
+    """
+    _, pydicom = _import()
+    try:
+        seg = pydicom.dcmread(path)
+    except Exception as error:
+        raise InputError(f"{path}: not a readable DICOM file ({error})") from None
+    if seg.get("Modality") != "SEG" or "SegmentSequence" not in seg:
+        raise InputError(f"{path}: not a DICOM Segmentation (Modality {seg.get('Modality')!r})")
+    names = {str(item.SegmentLabel): int(item.SegmentNumber) for item in seg.SegmentSequence}
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    frames = seg.pixel_array.reshape(int(seg.get("NumberOfFrames", 1)), int(seg.Rows), int(seg.Columns))
+    if seg.get("SegmentationType") == "FRACTIONAL":
+        frames = frames > int(seg.get("MaximumFractionalValue", 255)) // 2
+    lps_to_ijk = np.linalg.inv(reference.geometry.ijk_to_lps())
+    out = np.zeros(reference.shape, np.uint16 if max(names.values(), default=0) > 255 else np.uint8)
+    rows, columns = np.meshgrid(np.arange(frames.shape[1]), np.arange(frames.shape[2]), indexing="ij")
+    for index, (frame, group) in enumerate(zip(frames, seg.PerFrameFunctionalGroupsSequence)):
+        def item(sequence):  # a functional group of this frame, else the shared one
+            return getattr(group, sequence)[0] if sequence in group else getattr(shared, sequence)[0]
+
+        orientation = np.asarray(item("PlaneOrientationSequence").ImageOrientationPatient, float)
+        row_spacing, column_spacing = (float(v) for v in item("PixelMeasuresSequence").PixelSpacing)
+        position = np.asarray(group.PlanePositionSequence[0].ImagePositionPatient, float)
+        along_row, along_column = orientation[:3] * column_spacing, orientation[3:] * row_spacing
+        origin = lps_to_ijk[:3, :3] @ position + lps_to_ijk[:3, 3]
+        step_column, step_row = lps_to_ijk[:3, :3] @ along_row, lps_to_ijk[:3, :3] @ along_column
+        steps = np.stack([step_column, step_row])
+        if not (np.allclose(steps, steps.round(), atol=1e-3) and np.allclose(origin, origin.round(), atol=1e-3)
+                and np.all(np.abs(steps.round()).sum(1) == 1)):
+            raise InputError(f"{path}: frame {index + 1} does not lie on the voxel grid of {reference.source or 'the image'}"
+                             " (another grid, spacing or orientation)")
+        ijk = (origin.round()[:, None, None] + step_column.round()[:, None, None] * columns
+               + step_row.round()[:, None, None] * rows).astype(int)
+        if (ijk.min(axis=(1, 2)) < 0).any() or (ijk.max(axis=(1, 2)) >= np.array(reference.shape[::-1])).any():
+            raise InputError(f"{path}: frame {index + 1} lies outside the image {reference.source or ''}".rstrip())
+        number = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        hit = frame.astype(bool)
+        target = out[ijk[2][hit], ijk[1][hit], ijk[0][hit]]
+        out[ijk[2][hit], ijk[1][hit], ijk[0][hit]] = np.maximum(target, number)
+    return out, names

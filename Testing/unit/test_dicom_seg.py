@@ -161,3 +161,44 @@ def test_blank_sop_uids_come_from_the_file_meta_and_a_series_without_study_uid_i
     err = capsys.readouterr().err
     assert "has no StudyInstanceUID" in err and "no-such-model" not in err
     assert not (tmp_path / "again.nii.gz").exists()
+
+
+def test_evaluate_takes_a_dicom_seg_as_prediction_or_as_ground_truth(tmp_path, capsys):
+    """``medsam3 evaluate`` places a SEG on the other side's grid (here a NIfTI stored with its axes
+    flipped, as RAS exporters write): the SEG of a label map scores Dice 1 against that label map,
+    either way round, and its segment labels name the prediction's values."""
+    import csv
+
+    import SimpleITK as sitk
+
+    from MedicalSAM3Core.imaging.io import image_from_array
+
+    folder = _write_series(tmp_path / "ct", _stack(5, orientation=_oblique()), [_oblique()] * 5, rows=8, columns=7)
+    volume = read_volume(folder)
+    label_map = np.zeros(volume.shape, np.uint8)
+    label_map[1:4, 2:6, 1:5] = 1
+    label_map[0:2, 6:8, 4:7] = 2
+    paths = OutputPaths.beside(tmp_path / "pred" / "case.nii.gz", dicom_seg=True)
+    paths.label_map.parent.mkdir()
+    write_result(_result(volume, label_map), paths, volume)
+    truth_values = np.where(label_map == 1, 7, np.where(label_map == 2, 9, 0)).astype(np.uint8)
+    flipped = sitk.Flip(image_from_array(truth_values, volume.geometry), [True, True, False])  # same voxel centres
+    (tmp_path / "gt").mkdir()
+    sitk.WriteImage(flipped, str(tmp_path / "gt" / "case.nii.gz"))
+
+    def scores(pred, gt, labels, out):
+        assert cli.main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--labels", labels, "-o", str(out)]) == 0
+        return {r["structure"]: float(r["dice"]) for r in csv.DictReader((out / "metrics.csv").open())}
+
+    # prediction values from the SEG's segment labels (no sidecar consulted: PRED left out)
+    assert scores(paths.dicom_seg, tmp_path / "gt" / "case.nii.gz", "left kidney=:7,liver=:9", tmp_path / "e1") == \
+        {"left kidney": 1.0, "liver": 1.0}
+    # the SEG as ground truth for the NIfTI prediction (values 1, 2 on both sides)
+    assert scores(paths.label_map, paths.dicom_seg, "left kidney=1:1,liver=2:2", tmp_path / "e2") == \
+        {"left kidney": 1.0, "liver": 1.0}
+    # a SEG on another grid is refused, naming the frame
+    other = read_volume(_write_series(tmp_path / "other", _stack(5, spacing=4.0), rows=8, columns=7))
+    sitk.WriteImage(image_from_array(truth_values, other.geometry), str(tmp_path / "other.nii.gz"))
+    assert cli.main(["evaluate", "--pred", str(paths.dicom_seg), "--gt", str(tmp_path / "other.nii.gz"), "--labels",
+                     "liver=2:9", "-o", str(tmp_path / "e3")]) == 2
+    assert "frame 1 does not lie on the voxel grid" in capsys.readouterr().err
