@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg = sub.add_parser("segment", help="segment structures named by text in a CT/MR volume",
                          description="Segment every prompt through the volume and write a label map on the input "
                                      "grid, a JSON sidecar, and optionally a Slicer .seg.nrrd and a PNG overlay.")
-    seg.add_argument("input", type=Path, help="NIfTI/NRRD/MHA file or a DICOM series folder")
+    seg.add_argument("input", type=Path, help="NIfTI/NRRD/MHA file or a DICOM series folder; for a batch, a folder of "
+                                              "them, a CSV list or a dataset JSON (with --output-dir)")
     seg.add_argument("--series", metavar="UID", help="DICOM folder: the SeriesInstanceUID to read (default: the "
                                                      "folder's largest series; the error of a tie lists them all)")
     seg.add_argument("-p", "--prompt", action="append", required=True,
@@ -68,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                                            "default: $MEDSAM3_MODEL, else the demo model)")
     seg.add_argument("-o", "--output", type=Path, help="label map path (.nii.gz/.nrrd/.mha; default "
                                                          "<input>_medsam3.nii.gz in the current folder)")
+    seg.add_argument("--output-dir", type=Path, help="batch: the folder for every case's outputs and summary.csv "
+                                                     "(input: a folder of volumes, a CSV list or a dataset JSON)")
+    seg.add_argument("--resume", action="store_true", help="batch: keep the cases whose outputs are all there")
+    seg.add_argument("--label-format", default=".nii.gz", help="batch: the label maps' format (.nii.gz, .nii, .nrrd, "
+                                                              ".mha; default .nii.gz)")
     seg.add_argument("--seg-nrrd", action="store_true", help="also write <output>.seg.nrrd for 3D Slicer")
     seg.add_argument("--dicom-seg", action="store_true",
                      help="also write <output>.seg.dcm, a DICOM Segmentation referencing the input DICOM series "
@@ -229,8 +235,9 @@ def _interrupt(signum, frame) -> None:
 
 
 def _segment(args: argparse.Namespace) -> int:
+    from .batch import is_batch_input
     from .imaging.io import read_volume
-    from .imaging.outputs import OutputPaths, check_writable, output_bytes, write_result
+    from .imaging.outputs import OutputPaths, check_writable, write_result
 
     if any(not text.strip() for text in args.prompt):
         raise InputError("empty prompt: give a structure name such as 'liver'")
@@ -241,16 +248,35 @@ def _segment(args: argparse.Namespace) -> int:
     if len(prompts) > label_capacity(np.dtype(args.label_type)):
         raise InputError(f"{len(prompts)} prompts do not fit a {args.label_type} label map (at most "
                          f"{label_capacity(np.dtype(args.label_type))}); use --label-type uint16")
-    output = args.output or _output_default(args.input)
-    paths = OutputPaths.beside(output, seg_nrrd=args.seg_nrrd, overlay=args.overlay, dicom_seg=args.dicom_seg)
     if args.dicom_seg:
         from .imaging.dicom_seg import require_highdicom
 
         require_highdicom()
-    check_writable(paths, args.overwrite, inputs=[args.input])  # names and folders, before the input is read
     if args.server and args.model:
         raise InputError("--model and --server exclude each other: the server segments with the model it was "
                          "started with")
+    batch = args.output_dir is not None or is_batch_input(args.input)
+    if batch and args.output is not None:
+        raise InputError(f"{args.input} is a batch (a folder of volumes, a CSV list or a dataset JSON): give "
+                         "--output-dir for its outputs, not -o")
+    if args.resume and not batch:
+        raise InputError("--resume is for a batch (a folder of volumes, a CSV list or a dataset JSON with --output-dir)")
+    options = _options(args)
+    if batch:
+        return _segment_batch(args, prompts, options)
+    output = args.output or _output_default(args.input)
+    paths = OutputPaths.beside(output, seg_nrrd=args.seg_nrrd, overlay=args.overlay, dicom_seg=args.dicom_seg)
+    check_writable(paths, args.overwrite, inputs=[args.input])  # names and folders, before the input is read
+    volume = read_volume(args.input, series=args.series)
+    _check_case(args, paths, volume, args.input, prompts)  # room for the outputs, DICOM SEG references
+    segment = _engine(args, prompts, options, args.device)
+    result = segment(volume, _progress_bar(args.quiet, segment.device, args.server))
+    write_result(result, paths, volume)
+    _print_summary(result, paths)
+    return 0
+
+
+def _options(args: argparse.Namespace):
     from .common.options import SegmentOptions
 
     options = SegmentOptions(mode=args.mode, score_threshold=args.threshold, mask_threshold=args.mask_threshold,
@@ -261,18 +287,29 @@ def _segment(args: argparse.Namespace) -> int:
                              fill_holes=args.fill_holes, largest_component=args.largest_component,
                              label_dtype=args.label_type)
     options.validate()
-    volume = read_volume(args.input, series=args.series)
+    return options
+
+
+def _check_case(args: argparse.Namespace, paths, volume, source: Path, prompts: list[str]) -> None:
+    """What can be refused once the input is read and before the model runs: room for the outputs
+    (their size is known now) and, for a DICOM SEG, a DICOM series with the UIDs it references."""
+    from .imaging.outputs import check_writable, output_bytes
+
+    check_writable(paths, args.overwrite, inputs=[source],
+                   needed_bytes=output_bytes(paths, volume.shape, np.dtype(args.label_type),
+                                             default_dictionary().most_labels(prompts)))
     if args.dicom_seg:
         if not volume.dicom_files:
             raise InputError(f"--dicom-seg needs a DICOM series as input (a folder of slices): a DICOM SEG references "
-                             f"the series it segments; {args.input} is not one")
+                             f"the series it segments; {source} is not one")
         from .imaging.dicom_seg import read_series_headers
 
-        read_series_headers(volume.dicom_files)  # a series a SEG cannot reference is refused before the model loads
-    # room for the outputs, now that their size is known, before the model loads
-    check_writable(paths, args.overwrite, inputs=[args.input],
-                   needed_bytes=output_bytes(paths, volume.shape, np.dtype(args.label_type),
-                                              default_dictionary().most_labels(prompts)))
+        read_series_headers(volume.dicom_files)  # a series a SEG cannot reference is refused before the model runs
+
+
+def _engine(args: argparse.Namespace, prompts: list[str], options, device: str):
+    """``segment(volume, progress) -> result`` with the model (loaded once) or the server of
+    ``args``; its ``device`` attribute names where it computes."""
     if args.server:
         from .common.client import Client
         from .serving.serve import read_token
@@ -281,22 +318,100 @@ def _segment(args: argparse.Namespace) -> int:
         info = client.info()
         print(f"medsam3: segmenting on {args.server} with model {info.get('model_id')} "
               f"({info.get('device')})", file=sys.stderr)
-        result = client.segment(volume, prompts, options, progress=_progress_bar(args.quiet, info.get("device"), args.server))
-        for warning in result.warnings:  # the server's engine logged them there; say them here
-            print(f"medsam3: warning: {warning}", file=sys.stderr)
-    else:
-        model_source = args.model or default_model()
-        if not args.model:
-            print(f"medsam3: using the default model {model_source}", file=sys.stderr)
-        from .inference.engine import Segmenter
-        from .inference.models import load_model
 
-        model = load_model(model_source, device=args.device, dtype=args.dtype)
-        result = Segmenter(model).segment(volume, prompts, options,
-                                          progress=_progress_bar(args.quiet, str(model.device)))
-    write_result(result, paths, volume)
-    _print_summary(result, paths)
-    return 0
+        def segment(volume, progress=None):
+            result = client.segment(volume, prompts, options, progress=progress)
+            for warning in result.warnings:  # the server's engine logged them there; say them here
+                print(f"medsam3: warning: {warning}", file=sys.stderr)
+            return result
+
+        segment.device = info.get("device")
+        return segment
+    model_source = args.model or default_model()
+    if not args.model:
+        print(f"medsam3: using the default model {model_source}", file=sys.stderr)
+    from .inference.engine import Segmenter
+    from .inference.models import load_model
+
+    model = load_model(model_source, device=device, dtype=args.dtype)
+    segmenter = Segmenter(model)
+
+    def segment(volume, progress=None):
+        return segmenter.segment(volume, prompts, options, progress=progress)
+
+    segment.device = str(model.device)
+    return segment
+
+
+def _segment_batch(args: argparse.Namespace, prompts: list[str], options) -> int:
+    """Many volumes, one model load (see :mod:`MedicalSAM3Core.batch`); exit 1 if a case failed."""
+    from .batch import SUMMARY, Ranks, list_cases, shard
+    from .imaging.outputs import LABEL_MAP_FORMATS, check_output_folder
+
+    if args.output_dir is None:
+        raise InputError(f"{args.input} is a batch (a folder of volumes, a CSV list or a dataset JSON): give "
+                         "--output-dir for its outputs")
+    if args.series:
+        raise InputError("--series picks a series of one DICOM folder; in a batch CSV give a 'series' column")
+    extension = args.label_format if args.label_format.startswith(".") else f".{args.label_format}"
+    if extension not in LABEL_MAP_FORMATS:
+        raise InputError(f"--label-format {args.label_format!r}: choose one of {', '.join(LABEL_MAP_FORMATS)}")
+    cases = list_cases(args.input)
+    summary = args.output_dir / SUMMARY
+    if summary.exists() and not (args.overwrite or args.resume):
+        raise InputError(f"{summary} exists (an earlier batch): --resume to go on with it, --overwrite to redo it")
+    ranks = Ranks.from_environment()
+    mine = shard(cases, ranks.rank, ranks.world)
+    if ranks.rank == 0:
+        check_output_folder(args.output_dir)
+    ranks.start()
+    completed = False
+    try:
+        code = _run_shard(args, prompts, options, cases, mine, ranks, summary, extension)
+        completed = True
+        return code
+    finally:
+        ranks.finish(completed)
+
+
+def _run_shard(args: argparse.Namespace, prompts: list[str], options, cases, mine, ranks, summary: Path,
+               extension: str) -> int:
+    """This rank's cases, then (rank 0) the summary of every rank's; 1 if any case failed anywhere."""
+    from .batch import merge, run_cases, summary_csv
+    from .imaging.io import read_volume, staged_file
+    from .imaging.outputs import OutputPaths, write_result
+
+    prefix = f"medsam3 [rank {ranks.rank}/{ranks.world}]" if ranks.world > 1 else "medsam3"
+    print(f"{prefix}: {len(mine)} of {len(cases)} cases from {args.input}", file=sys.stderr)
+    segment = _engine(args, prompts, options, ranks.device(args.device))
+
+    def paths_of(case):
+        return OutputPaths.beside(args.output_dir / f"{case.id}{extension}", seg_nrrd=args.seg_nrrd,
+                                  overlay=args.overlay, dicom_seg=args.dicom_seg)
+
+    def segment_case(case):
+        paths = paths_of(case)
+        volume = read_volume(case.path, series=case.series)
+        _check_case(args, paths, volume, case.path, prompts)
+        result = segment(volume, _progress_bar(args.quiet, segment.device, args.server))
+        write_result(result, paths, volume)
+        return result
+
+    def on_case(index, total, row):
+        detail = f": {row.error}" if row.error else ""
+        print(f"{prefix}: case {index + 1}/{total} {row.case} {row.status} in {row.seconds:.1f} s{detail}",
+              file=sys.stderr)
+
+    rows = run_cases(mine, segment_case, paths_of, args.resume, on_case)
+    everyone = merge(cases, ranks.gather(rows))
+    if ranks.rank == 0:
+        with staged_file(summary) as tmp:
+            tmp.write_text(summary_csv(everyone), encoding="utf-8")
+            os.replace(tmp, summary)
+        failed = [row.case for row in everyone if row.status == "failed"]
+        print(f"wrote {summary}: {len(everyone) - len(failed)} of {len(everyone)} cases done"
+              + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if any(row.status == "failed" for row in everyone) else 0
 
 
 def _serve(args: argparse.Namespace) -> int:
