@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--ssl-certfile", help="TLS certificate (PEM); serve https")
     srv.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
     srv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    srv.add_argument("--devices", type=lambda text: tuple(d.strip() for d in text.split(",") if d.strip()),
+                     default=(), metavar="DEV,DEV,...",
+                     help="one worker per device, each with its own copy of the model, behind one queue "
+                          "(e.g. cuda:0,cuda:1,cuda:2,cuda:3)")
     srv.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA), float32, bfloat16, float16")
     srv.add_argument("--queue-size", type=int, default=8, help="jobs that may wait (more get HTTP 429; default 8)")
     srv.add_argument("--result-ttl", type=float, default=3600.0, help="seconds a finished result is kept (default 3600)")
@@ -425,7 +429,7 @@ def _serve(args: argparse.Namespace) -> int:
                           limits=Limits(max_voxels=args.max_voxels, max_dim=args.max_dim),
                           queue_size=args.queue_size, result_ttl=args.result_ttl)
     settings = ServeSettings(model=args.model or "", host=args.host, port=args.port, device=args.device,
-                             dtype=args.dtype, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+                             devices=args.devices, dtype=args.dtype, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
                              config=config, connections=ConnectionLimits(header_timeout=args.header_timeout,
                                                                          keep_alive_timeout=args.keep_alive_timeout,
                                                                          max_connections=args.max_connections))

@@ -4,7 +4,7 @@ Endpoints (all under ``/v1``; OpenAPI schema at ``/openapi.json``, docs at ``/do
 
 ====================================  =========================================================
 ``GET    /v1/health``                 liveness (no token needed; says nothing about jobs)
-``GET    /v1/info``                   versions, model id, device, GPU memory, queue, limits
+``GET    /v1/info``                   versions, model id, device, GPU memory, queue, workers, limits
 ``POST   /v1/jobs``                   submit (body: :mod:`~MedicalSAM3Core.common.wire` request)
 ``GET    /v1/jobs/{id}``              state and progress (slices done / total, stage)
 ``POST   /v1/jobs/{id}/cancel``       cancel (takes effect within one batch of slices)
@@ -25,7 +25,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -56,10 +56,12 @@ class ServerConfig:
     retry_after: int = 5
 
 
-def create_app(run: RunJob, config: ServerConfig, info: Optional[dict] = None) -> FastAPI:
-    """The FastAPI application. ``run`` segments one :class:`JobRequest` (the model lives in it);
+def create_app(run: Union[RunJob, Sequence[RunJob]], config: ServerConfig, info: Optional[dict] = None,
+               names: Optional[Sequence[str]] = None) -> FastAPI:
+    """The FastAPI application. ``run`` segments one :class:`JobRequest` (the model lives in it); a
+    list of them is one worker each (one per device, ``names`` naming them), behind one queue.
     ``info`` adds model id / device / GPU memory to ``/v1/info`` (a callable or a dict)."""
-    manager = JobManager(run, queue_size=config.queue_size, result_ttl=config.result_ttl)
+    manager = JobManager(run, queue_size=config.queue_size, result_ttl=config.result_ttl, names=names)
     decoding = asyncio.Semaphore(MAX_CONCURRENT_DECODES)
 
     @asynccontextmanager
@@ -97,7 +99,7 @@ def create_app(run: RunJob, config: ServerConfig, info: Optional[dict] = None) -
     def server_info() -> dict:
         extra = info() if callable(info) else dict(info or {})
         return {"version": __version__, "api_version": API_VERSION, "wire_version": WIRE_VERSION, **extra,
-                "queue": manager.counts(), "limits": {"max_body_bytes": config.max_body_bytes,
+                "queue": manager.counts(), "workers": manager.workers(), "limits": {"max_body_bytes": config.max_body_bytes,
                                                       **asdict(config.limits)}}
 
     @app.post("/v1/jobs", dependencies=auth, status_code=202, openapi_extra={

@@ -1,4 +1,6 @@
-"""The job queue behind ``medsam3 serve``: one worker thread (one GPU) consuming a bounded queue.
+"""The job queue behind ``medsam3 serve``: one worker thread per device (``--devices``: one
+GPU each, each with its own copy of the model) consuming one bounded queue; a job goes to the
+first free worker.
 
 Jobs are isolated: each has its own volume, cancel token and result; nothing is shared between
 them but the loaded model. A job moves ``queued -> running -> done | failed | cancelled``; its
@@ -14,7 +16,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 from ..common.errors import Cancelled, InputError, MedSAM3Error
 from ..common.progress import CancelToken, ProgressEvent
@@ -58,12 +60,23 @@ class Job:
 
 
 class JobManager:
-    """Bounded queue + single worker thread + TTL expiry. Thread-safe."""
+    """Bounded queue + one worker thread per job function + TTL expiry. Thread-safe.
 
-    def __init__(self, run: RunJob, queue_size: int = 8, result_ttl: float = 3600.0) -> None:
+    ``run`` is one job function, or several (one per device, each holding its model); ``names``
+    names the workers in ``/v1/info`` (default ``worker 0``, ...).
+    """
+
+    def __init__(self, run: Union[RunJob, Sequence[RunJob]], queue_size: int = 8, result_ttl: float = 3600.0,
+                 names: Optional[Sequence[str]] = None) -> None:
         if queue_size < 1:
             raise ValueError("queue_size must be >= 1")
-        self._run = run
+        self._runs = [run] if callable(run) else list(run)
+        if not self._runs:
+            raise ValueError("a job manager needs at least one job function")
+        self.names = list(names) if names is not None else [f"worker {i}" for i in range(len(self._runs))]
+        if len(self.names) != len(self._runs):
+            raise ValueError("one name per job function")
+        self._running: list[Optional[str]] = [None] * len(self._runs)  # job id per worker
         # unbounded: the capacity counts the jobs still queued, so a cancelled or deleted queued job frees
         # its slot at once (its id left in the queue is skipped by the worker)
         self._queue: queue.Queue[Optional[str]] = queue.Queue()
@@ -71,25 +84,27 @@ class JobManager:
         self._lock = threading.Lock()
         self._ttl = result_ttl
         self.queue_size = queue_size
-        self._worker: Optional[threading.Thread] = None
-        self._durations: list[float] = []
+        self._workers: list[threading.Thread] = []
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._work, name="medsam3-worker", daemon=True)
-            self._worker.start()
+        if not self._workers:
+            self._workers = [threading.Thread(target=self._work, args=(index,), name=f"medsam3-worker-{index}",
+                                              daemon=True) for index in range(len(self._runs))]
+            for worker in self._workers:
+                worker.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Cancel what runs, drop what waits, and join the worker."""
+        """Cancel what runs, drop what waits, and join the workers."""
         with self._lock:
             for job in self._jobs.values():
                 if job.state in ("queued", "running"):
                     job.cancel.cancel()
-        if self._worker is not None:
-            self._queue.put_nowait(None)
-            self._worker.join(timeout)
-            self._worker = None
+        for _ in self._workers:
+            self._queue.put_nowait(None)  # one stop sign per worker
+        for worker in self._workers:
+            worker.join(timeout)
+        self._workers = []
 
     # -- API ------------------------------------------------------------------------------------
     def submit(self, request: JobRequest, client: str, body_bytes: int) -> Job:
@@ -150,6 +165,11 @@ class JobManager:
         for job in old:
             log.info("job %s expired after %.0f s", job.id, self._ttl)
 
+    def workers(self) -> list[dict]:
+        """Each worker's name and the job it runs (``None`` when idle), for ``/v1/info``."""
+        with self._lock:
+            return [{"name": name, "job": job_id} for name, job_id in zip(self.names, self._running)]
+
     def counts(self) -> dict:
         with self._lock:
             states = [j.state for j in self._jobs.values()]
@@ -161,7 +181,7 @@ class JobManager:
         job.state, job.error, job.finished = state, error, time.time()
         job.request = None  # the input volume is not kept once the job is over
 
-    def _work(self) -> None:
+    def _work(self, index: int = 0) -> None:
         while True:
             try:  # wakes up now and then to free expired results even when no request comes
                 job_id = self._queue.get(timeout=max(0.05, min(60.0, self._ttl / 2)))
@@ -176,14 +196,19 @@ class JobManager:
                     continue
                 job.state, job.started = "running", time.time()
                 request = job.request
-            self._execute(job, request)
+                self._running[index] = job.id
+            try:
+                self._execute(job, request, self._runs[index])
+            finally:
+                with self._lock:
+                    self._running[index] = None
 
-    def _execute(self, job: Job, request: JobRequest) -> None:
+    def _execute(self, job: Job, request: JobRequest, run: RunJob) -> None:
         def progress(event: ProgressEvent) -> None:
             job.progress = event
 
         try:
-            result = self._run(request, progress, job.cancel)
+            result = run(request, progress, job.cancel)
             encoded = encode_result(result, request.result_compression)
         except Cancelled:
             with self._lock:

@@ -108,6 +108,7 @@ class ServeSettings:
     token: Optional[str] = None
     device: str = "auto"
     dtype: str = "auto"
+    devices: tuple[str, ...] = ()  # --devices: one worker (and one copy of the model) per device
     ssl_certfile: Optional[str] = None
     ssl_keyfile: Optional[str] = None
     config: ServerConfig = ServerConfig()
@@ -125,6 +126,13 @@ def check_settings(settings: ServeSettings) -> None:
     for path in (settings.ssl_certfile, settings.ssl_keyfile):
         if path and not Path(path).is_file():
             raise InputError(f"TLS file not found: {path}")
+    if settings.devices:
+        if settings.device != "auto":
+            raise InputError("--device and --devices exclude each other: --devices cuda:0,cuda:1 runs one worker "
+                             "per device")
+        repeated = sorted({d for d in settings.devices if settings.devices.count(d) > 1 and d != "cpu"})
+        if repeated:
+            raise InputError(f"--devices names {', '.join(repeated)} twice: one worker per GPU")
     if not 0 <= settings.port <= 65535:
         raise InputError(f"port must be in 0..65535, got {settings.port}")
     limits = settings.connections
@@ -200,11 +208,24 @@ def model_info(model) -> Callable[[], dict]:
 def build_server(settings: ServeSettings, model=None) -> uvicorn.Server:
     """A configured (not yet running) ``uvicorn.Server``; loads the model unless one is given."""
     check_settings(settings)
-    if model is None:
-        from ..inference.models import load_model
+    from ..inference.models import load_model
 
-        model = load_model(settings.model, device=settings.device, dtype=settings.dtype)
-    app = create_app(engine_runner(model), settings.config, info=model_info(model))
+    if settings.devices:  # one worker per device, each with its own copy of the model
+        models = [model] if model is not None and len(settings.devices) == 1 else \
+            [load_model(settings.model, device=device, dtype=settings.dtype) for device in settings.devices]
+    else:
+        models = [model if model is not None else load_model(settings.model, device=settings.device,
+                                                              dtype=settings.dtype)]
+    infos = [model_info(m) for m in models]
+
+    def info() -> dict:
+        data = infos[0]()
+        if len(models) > 1:
+            data["devices"] = [i() for i in infos]
+        return data
+
+    app = create_app([engine_runner(m) for m in models], settings.config, info=info,
+                     names=[str(m.device) for m in models])
     return uvicorn_server(app, settings)
 
 

@@ -74,6 +74,8 @@ def main(argv=None) -> int:
     parser.add_argument("--queue-size", type=int, default=4)
     parser.add_argument("--deadline", type=float, default=300.0, help="give up after this many seconds")
     parser.add_argument("--model", help="model folder (default: a tiny random-weight model)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server workers, each with its own copy of the model (as 'medsam3 serve --devices')")
     args = parser.parse_args(argv)
 
     from MedicalSAM3Core.inference.models import load_model
@@ -83,15 +85,16 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or str(build_tiny_model(Path(tmp) / "tiny", seed=0))
-        model = load_model(model_dir, device="auto")
+        models = [load_model(model_dir, device="auto") for _ in range(args.workers)]
+        model = models[0]
         config = ServerConfig(queue_size=args.queue_size, retry_after=1)
-        with running_server(engine_runner(model), config) as (url, app):
+        with running_server([engine_runner(m) for m in models], config) as (url, app):
             report = run_jobs(url, args.jobs, args.threads, args.depth, args.deadline)
             left = app.state.jobs.counts()
     errors = [message for state, _, message in report["outcomes"].values() if state != "ok"]
     latency = report["latency_s"]
     print(f"load test: {report['jobs']} jobs from {report['threads']} threads, {args.depth}x40x48 volumes, "
-          f"queue size {args.queue_size}, device {model.device}")
+          f"queue size {args.queue_size}, {args.workers} worker(s) on {model.device}")
     print(f"  completed {report['ok']}, failed explicitly {len(errors)}, lost {report['lost']}")
     print(f"  wall {report['wall_s']:.2f} s, throughput {report['throughput_jobs_per_s']:.2f} jobs/s")
     print(f"  latency p50 {latency[50]:.2f} s, p90 {latency[90]:.2f} s, p99 {latency[99]:.2f} s")

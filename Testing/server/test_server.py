@@ -395,13 +395,14 @@ def test_submit_endpoint_fuzz_never_500():
 
 
 def test_bounded_load_test_loses_nothing():
+    """The load test against a server of two workers (issue #29: several devices behind one queue)."""
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "load_test.py"
     out = subprocess.run([sys.executable, str(script), "--jobs", "20", "--threads", "4", "--depth", "4",
-                          "--deadline", "240"], capture_output=True, text=True, timeout=400)
+                          "--deadline", "240", "--workers", "2"], capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "completed 20, failed explicitly 0, lost 0" in out.stdout, out.stdout
     assert "latency p50" in out.stdout
