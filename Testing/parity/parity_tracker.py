@@ -30,7 +30,17 @@ tokens with the stored memories). Runs:
   *teacher-forced*: before each frame the memory bank of our session is overwritten with Meta's
   (no selection) stored memories and pointers, so each frame's step is compared on identical inputs.
 * isolated stages on Meta's exact inputs of every frame: memory attention, memory encoder (on
-  Meta's mask after its resize to 1152²) and the whole memory encoding from the high-res mask logits.
+  Meta's mask after its resize to 1152²) and the whole memory encoding from the high-res mask logits;
+  the mask-prompted frame's object pointer under Meta's and transformers' protocols (and the two
+  mixed ones, to split the difference between its causes); and, on one frame, an absent object
+  (empty mask prompt, negative object score), which exercises ``no_obj_ptr`` and
+  ``no_obj_embed_spatial``.
+
+JSON keys: ``tracker_neck``, ``isolated_stages_on_meta_inputs``, and per comparison
+(``teacher_forced_vs_meta_no_selection``, ``free_running_vs_meta_no_selection``,
+``free_running_vs_meta_as_built``, ``meta_no_selection_vs_meta_as_built``) a ``summary`` (maxima over
+the tracked frames, ``*_meta_max`` = max |Meta|, ``*_prompted_frame`` = the mask-prompted frame) and
+per-frame rows (frame lists attended by each side included). Every figure is max |Meta - ours|.
 
 Needs Meta's ``sam3`` package (0.1.4) and its small dependencies on ``PYTHONPATH``. As published it
 runs on CUDA; ``RESULTS.md`` next to this file lists the local patches for CPU and the figures.
@@ -235,8 +245,10 @@ def _run_ours(ours, cached, mask, mid, n, size, teacher: dict | None = None) -> 
             lambda m, a, k, o: rec.add("attention", prompt=k["memory"], prompt_pos=k["memory_posision_embeddings"],
                                        num_ptr=k["num_object_pointer_tokens"], out=o), with_kwargs=True),
     ]
+    device = cached[0]["vision_feats"][0].device
     session = Sam3TrackerVideoInferenceSession(video_height=size, video_width=size, max_vision_features_cache_size=n,
-                                               dtype=torch.float32)
+                                               inference_device=device, inference_state_device=device,
+                                               video_storage_device=device, dtype=torch.float32)
     session.processed_frames = {t: torch.zeros(1) for t in range(n)}  # frames are given as features only
     for t in range(n):
         session.cache.cache_vision_features(t, cached[t])
@@ -265,17 +277,17 @@ def _run_ours(ours, cached, mask, mid, n, size, teacher: dict | None = None) -> 
                     inject()
                 output = tracker(inference_session=session, frame_idx=f, reverse=bool(reverse),
                                  run_mem_encoder=True)
+                cond = f in session.output_dict_per_obj[obj_idx]["cond_frame_outputs"]
+                out = session.output_dict_per_obj[obj_idx]["cond_frame_outputs" if cond else "non_cond_frame_outputs"][f]
+                # what this step wrote to the bank (copied now: teacher forcing overwrites it later)
                 per_frame[f] = {"events": rec.take(), "low": output.pred_masks.clone(),
-                                "score": output.object_score_logits.clone(), "reverse": bool(reverse)}
+                                "score": output.object_score_logits.clone(), "reverse": bool(reverse), "cond": cond,
+                                "maskmem": out["maskmem_features"].clone(), "maskmem_pos": out["maskmem_pos_enc"].clone(),
+                                "ptr": out["object_pointer"].clone(), "full": out["high_res_masks"].clone()}
                 order.append(f)
     finally:
         for h in hooks:
             h.remove()
-    for f, record in per_frame.items():
-        cond = f in session.output_dict_per_obj[obj_idx]["cond_frame_outputs"]
-        out = session.output_dict_per_obj[obj_idx]["cond_frame_outputs" if cond else "non_cond_frame_outputs"][f]
-        record.update(cond=cond, maskmem=out["maskmem_features"], maskmem_pos=out["maskmem_pos_enc"],
-                      ptr=out["object_pointer"], full=out["high_res_masks"])
     return {"frames": per_frame, "order": order}
 
 
@@ -309,8 +321,11 @@ def _bank(run: dict, meta_layout: bool) -> dict:
     return bank
 
 
-def _compare(meta_run: dict, our_run: dict, hw: int) -> dict:
-    meta_bank, our_bank = _bank(meta_run, True), _bank(our_run, False)
+def _compare(meta_run: dict, our_run: dict, hw: int, teacher_forced: bool = False) -> dict:
+    """Per frame and overall maxima of |Meta - ours|. Teacher-forced: our bank held Meta's memories
+    when each frame was tracked, so the attended tokens are identified against Meta's bank."""
+    meta_bank = _bank(meta_run, True)
+    our_bank = meta_bank if teacher_forced else _bank(our_run, False)
     frames = {}
     for f in meta_run["order"]:
         m, o = meta_run["frames"][f], our_run["frames"][f]
@@ -319,7 +334,8 @@ def _compare(meta_run: dict, our_run: dict, hw: int) -> dict:
             row.update(low_res_mask_logits=_max_diff(m["low"], o["low"]), full_res_mask_logits=_max_diff(m["full"], o["full"]),
                        object_score_logits=_max_diff(m["score"], o["score"]),
                        low_res_scale=_scale(m["low"]), full_res_scale=_scale(m["full"]),
-                       object_score_meta=float(m["score"].reshape(-1)[0]), object_score_ours=float(o["score"].reshape(-1)[0]))
+                       object_score_meta=float(m["score"].reshape(-1)[0]), object_score_ours=float(o["score"].reshape(-1)[0]),
+                       object_score_scale=_scale(m["score"]))
         else:  # the prompted frame: Meta outputs the consolidated mask (±1024), ours the mask as logits (±10)
             row.update(prompt_mask_sign_agreement=float(((m["low"] > 0) == (o["low"] > 0)).float().mean()),
                        object_score_meta=float(m["score"].reshape(-1)[0]), object_score_ours=float(o["score"].reshape(-1)[0]))
@@ -348,16 +364,86 @@ def _compare(meta_run: dict, our_run: dict, hw: int) -> dict:
         values = [r[key] for r in frames.values() if key in r and not r["cond"]]
         if values:
             summary[key] = max(values)
+    scales = {"low_res_mask_logits": "low_res_scale", "full_res_mask_logits": "full_res_scale",
+              "object_score_logits": "object_score_scale", "object_pointer": "object_pointer_scale",
+              "maskmem_features": "maskmem_features_scale", "memory_pos": "memory_pos_scale",
+              "memory_attention_out": "memory_attention_out_scale"}
+    for key, scale in scales.items():
+        values = [r[scale] for r in frames.values() if scale in r and not r["cond"]]
+        if values:
+            summary[f"{key}_meta_max"] = max(values)
+    summary["maskmem_features_elements_differing"] = max(r["maskmem_features_elements_differing"]
+                                                         for r in frames.values() if not r["cond"])
     for key in ("object_pointer", "maskmem_features", "maskmem_pos_enc"):
         summary[f"{key}_prompted_frame"] = next(r[key] for r in frames.values() if r["cond"])
     summary["same_memory_frames_all"] = all(r.get("same_memory_frames", True) for r in frames.values())
     return {"summary": summary, "frames": {str(k): v for k, v in frames.items()}}
 
 
+def _prompted_pointer(ours, meta_run: dict, cached: dict, mask: torch.Tensor, mid: int) -> dict:
+    """The object pointer of the mask-prompted frame, from our modules under both protocols.
+
+    Meta (``_use_mask_as_output``): ``mask_downsample`` on the mask at 1152² (-> 288², the SAM mask
+    input size), SAM heads with ``multimask_output=False`` (pointer from the single-mask token).
+    transformers (``Sam3TrackerVideoModel._use_mask_as_output``): the mask resized to 1008² first
+    (-> 252², resized back to 288² by the prompt path), SAM heads with the default
+    ``multimask_output=True`` (pointer from the best-IoU multimask token). The two mixed cases split
+    the difference between its two causes.
+    """
+    tracker = ours.tracker_model
+    feats, sizes = cached["vision_feats"], tracker.backbone_feature_sizes
+    high = [x.permute(1, 2, 0).view(x.size(1), x.size(2), *s) for x, s in zip(feats[:-1], sizes[:-1])]
+    pix = feats[-1].permute(1, 2, 0).view(-1, tracker.hidden_dim, *sizes[-1])
+    m1152 = mask[None, None].float()
+    m1008 = F.interpolate(m1152, size=(tracker.image_size,) * 2, mode="bilinear", align_corners=False, antialias=True)
+    reference = meta_run["frames"][mid]["ptr"]
+
+    def pointer(m, multimask):
+        return tracker._single_frame_forward(input_masks=tracker.mask_downsample(m), image_embeddings=high + [pix],
+                                             multimask_output=multimask).object_pointer
+
+    return {"meta_protocol_1152_single_mask_token": _max_diff(reference, pointer(m1152, False)),
+            "mask_at_1152_multimask_token": _max_diff(reference, pointer(m1152, True)),
+            "mask_resized_to_1008_single_mask_token": _max_diff(reference, pointer(m1008, False)),
+            "transformers_use_mask_as_output": _max_diff(reference, tracker._use_mask_as_output(pix, high, m1152).object_pointer),
+            "scale": _scale(reference)}
+
+
+def _absent_object(meta, ours, meta_cached: dict, our_cached: dict) -> dict:
+    """The parameters used only when the object is absent, which tracking a present object never
+    touches: an empty mask prompt gives the pointer ``no_obj_ptr``, and an empty mask with a
+    negative object score adds ``no_obj_embed_spatial`` to the memory (the mask is -10 everywhere,
+    so the order of resizing and binarising does not matter). On one frame's features."""
+    tracker, ref = ours.tracker_model, meta.tracker
+    sizes = tracker.backbone_feature_sizes
+    feats = our_cached["vision_feats"]
+    high = [x.permute(1, 2, 0).view(x.size(1), x.size(2), *s) for x, s in zip(feats[:-1], sizes[:-1])]
+    pix = feats[-1].permute(1, 2, 0).view(-1, tracker.hidden_dim, *sizes[-1])
+    meta_feats = [x.flatten(2).permute(2, 0, 1) for x in meta_cached["backbone_fpn"]]
+    meta_high, meta_pix = list(meta_cached["backbone_fpn"][:-1]), meta_cached["backbone_fpn"][-1]
+    empty = torch.zeros(1, 1, ref.input_mask_size, ref.input_mask_size, device=pix.device)
+    meta_ptr = ref._use_mask_as_output(meta_pix, meta_high, empty)[5]
+    our_ptr = tracker._use_mask_as_output(pix, high, empty).object_pointer
+    logits = torch.full((1, 1, tracker.image_size, tracker.image_size), -10.0, device=pix.device)
+    score = torch.full((1, 1), -10.0, device=pix.device)
+    meta_mem, _ = ref._encode_new_memory(image=None, current_vision_feats=meta_feats, feat_sizes=[tuple(s) for s in sizes],
+                                         pred_masks_high_res=logits, object_score_logits=score, is_mask_from_pts=True)
+    our_mem, _ = tracker._encode_new_memory(current_vision_feats=feats[-1], pred_masks_high_res=logits,
+                                            object_score_logits=score, is_mask_from_pts=True)
+    meta_mem = _flat_mem(meta_mem).to(torch.bfloat16)
+    return {"empty_prompt_object_pointer_no_obj_ptr": _max_diff(meta_ptr, our_ptr),
+            "no_obj_ptr_scale": _scale(meta_ptr),
+            "empty_mask_negative_score_memory_bf16": _max_diff(meta_mem, our_mem),
+            "empty_mask_negative_score_memory_elements_differing": float((meta_mem.float() != our_mem.float()).float().mean()),
+            "empty_mask_negative_score_memory_scale": _scale(meta_mem)}
+
+
 def _isolated(ours, meta_run: dict) -> dict:
     """Our modules on Meta's exact inputs, frame by frame."""
     tracker = ours.tracker_model
-    att, enc, enc_pos, encode, encode_frac = [], [], [], [], []
+    att, enc, enc_pos, encode, encode_frac, encode32 = [], [], [], [], [], []
+    fp32 = []
+    handle = tracker.memory_encoder.register_forward_hook(lambda m, a, o: fp32.append(o[0].detach().clone()))
     for f in meta_run["order"]:
         events = meta_run["frames"][f]["events"]
         for a in events.get("attention", []):
@@ -376,7 +462,13 @@ def _isolated(ours, meta_run: dict) -> dict:
             reference = _flat_mem(e["out"]).to(torch.bfloat16).float()
             encode.append(_max_diff(reference, feats))
             encode_frac.append(float((reference != feats.float()).float().mean()))
+            # the same before the bfloat16 storage cast: Meta's memory encoder output vs ours
+            encode32.append(_max_diff(events["mem_encoder"][0]["out"], fp32.pop()))
+    handle.remove()
     return {"memory_attention_on_meta_inputs": max(att), "memory_encoder_on_meta_mask": max(enc),
+            "memory_encoding_fp32_from_meta_high_res_logits_per_frame": dict(zip(map(str, meta_run["order"]), encode32)),
+            "memory_encoder_out_scale": max(_scale(meta_run["frames"][f]["events"]["mem_encoder"][0]["out"])
+                                            for f in meta_run["order"]),
             "memory_encoder_pos_on_meta_mask": max(enc_pos),
             "memory_encoding_from_meta_high_res_logits": max(encode),
             "memory_encoding_from_meta_high_res_logits_elements_differing": max(encode_frac),
@@ -424,8 +516,13 @@ def main() -> int:
     tracker_config = ours.tracker_model.config
     built = time.time() - started
 
+    def stage(name: str) -> None:
+        print(f"[{time.time() - started:7.1f} s] {name}", file=sys.stderr, flush=True)
+
+    stage("built and converted")
     with torch.inference_mode():
         vit, meta_raw, meta_cached = _meta_features(meta, frames)
+        stage("Meta's ViT and tracker neck on every frame")
         our_raw, our_cached = _our_features(ours, vit)
         neck = {"fpn_raw": [max(_max_diff(m["fpn"][i], o["fpn"][i]) for m, o in zip(meta_raw, our_raw)) for i in range(3)],
                 "fpn_raw_scale": [max(_scale(m["fpn"][i]) for m in meta_raw) for i in range(3)],
@@ -437,18 +534,25 @@ def main() -> int:
         hw = our_cached[0]["vision_feats"][-1].shape[0]
 
         meta_plain = _run_meta(meta, frames, meta_cached, mask, mid, selection=False)
+        stage("Meta's tracker, memory selection off")
         meta_selected = _run_meta(meta, frames, meta_cached, mask, mid, selection=True)
+        stage("Meta's tracker as built (memory selection on)")
         ours_free = _run_ours(ours, our_cached, mask, mid, n, size)
+        stage("our tracker, free-running")
         ours_forced = _run_ours(ours, our_cached, mask, mid, n, size, teacher=meta_plain["frames"])
+        stage("our tracker, teacher-forced")
         isolated = _isolated(ours, meta_plain)
+        isolated["prompted_frame_object_pointer"] = _prompted_pointer(ours, meta_plain, our_cached[mid], mask, mid)
+        isolated["absent_object"] = _absent_object(meta, ours, meta_cached[mid], our_cached[mid])
+        stage("isolated stages")
 
     results = {
         "tracker_neck": neck,
         "isolated_stages_on_meta_inputs": isolated,
-        "teacher_forced_vs_meta_no_selection": _compare(meta_plain, ours_forced, hw),
+        "teacher_forced_vs_meta_no_selection": _compare(meta_plain, ours_forced, hw, teacher_forced=True),
         "free_running_vs_meta_no_selection": _compare(meta_plain, ours_free, hw),
         "free_running_vs_meta_as_built": _compare(meta_selected, ours_free, hw),
-        "meta_no_selection_vs_meta_as_built": _compare(meta_selected, meta_plain_as_ours(meta_plain), hw),
+        "meta_no_selection_vs_meta_as_built": _compare(meta_selected, _meta_in_our_layout(meta_plain), hw),
         "processing_order": meta_plain["order"],
         "prompted_frame": mid,
         "frames": n,
@@ -464,12 +568,20 @@ def main() -> int:
         "seconds": round(time.time() - started, 1),
     }
     print(json.dumps(results, indent=1))
+    print("\nmax |Meta - ours| over the tracked frames (max |Meta| in brackets):", file=sys.stderr)
+    for name in ("teacher_forced_vs_meta_no_selection", "free_running_vs_meta_no_selection",
+                 "free_running_vs_meta_as_built"):
+        summary = results[name]["summary"]
+        cells = [f"{k} {v:.2g}" + (f" [{summary[k + '_meta_max']:.2g}]" if k + "_meta_max" in summary else "")
+                 for k, v in summary.items() if isinstance(v, float) and not k.endswith("_meta_max")]
+        print(f"  {name}: " + "; ".join(cells) + f"; same frames attended: {summary['same_memory_frames_all']}",
+              file=sys.stderr)
     if args.output:
         args.output.write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 
-def meta_plain_as_ours(run: dict) -> dict:
+def _meta_in_our_layout(run: dict) -> dict:
     """A Meta run in our layout (to compare two Meta runs with :func:`_compare`)."""
     frames = {}
     for f, r in run["frames"].items():
