@@ -162,7 +162,8 @@ def test_laterality_in_any_position_and_paired_structures():
 
 
 @pytest.mark.parametrize("typed, canonical", [
-    ("liver tumour", "Liver tumors"), ("oesophagus", "Esophagus"), ("haemorrhage", "Intracerebral hemorrhage"),
+    ("liver tumour", "Liver tumors"), ("oesophagus", "Esophagus"), ("haemorrhage", "Hemorrhage"),
+    ("intracranial haemorrhage", "Intracerebral hemorrhage"), ("brain bleed", "Intracerebral hemorrhage"),
     ("tumours", "Lesion"), ("metastasis", "Lesion"), ("pulmonary nodules", "Lung lesions"), ("renal cysts", "Kidney cyst"),
     ("SVC", "Superior vena cava"), ("LV", "Left Ventricle"), ("RV", "Right ventricle cavity"), ("LA", "Left atrium"),
     ("RA", "Right atrium"), ("CBD", "Common bile duct"), ("SMA", "Superior mesenteric artery"), ("heart", "Heart"),
