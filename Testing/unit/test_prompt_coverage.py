@@ -5,7 +5,6 @@ SAM3's training vocabulary, and TotalSegmentator 2.18.0's class names with its S
 """
 
 import json
-from pathlib import Path
 
 import pytest
 
