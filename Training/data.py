@@ -439,8 +439,22 @@ class SliceDataset(Dataset):
 
     def __getitem__(self, item: int) -> dict:
         triplet = self.triplets[item]
-        image, label, modality = self._volume(triplet.case)
         rng = np.random.default_rng([self.seed, self.epoch, item])
+        return self.render(triplet.case, triplet.slice, triplet.concept, triplet.positive, rng)
+
+    def render(self, case_index: int, slice_index: int, concept: str, positive: bool, rng: np.random.Generator,
+               noise_rng: Optional[np.random.Generator] = None, removal: bool = True) -> dict:
+        """One slice of one case, prepared for ``concept`` exactly as the engine prepares it, augmented.
+
+        The augmentation draws from ``rng`` in a fixed order (zoom and shift, window, contrast phase,
+        removal), then the noise from ``noise_rng`` (default: ``rng``). Slices of one clip share an
+        ``rng`` seed, so they get the same zoom, window and contrast phase, and each its own noise.
+        Besides the sample of :meth:`__getitem__`, ``instance_masks`` holds every instance of the
+        concept on the canvas, empty ones included, in the order of the dataset's instances.
+        """
+        triplet = Triplet(case_index, slice_index, concept, positive)
+        image, label, modality = self._volume(triplet.case)
+        noise_rng = rng if noise_rng is None else noise_rng
         size = int(self.preprocess["image_size"])
         orientation = SliceOrientation.for_volume(image.geometry.direction, 0,
                                                   self.preprocess.get("orientation") or "stored")
@@ -462,13 +476,13 @@ class SliceDataset(Dataset):
             if self._contrast and modality == "CT" and label is not None \
                     and rng.random() < self.augment.contrast.get("probability", 1.0):
                 raw = raw + orientation.apply(self.contrast_offsets(label[triplet.slice], rng))
-            if triplet.concept in self._remove and triplet.positive and label is not None \
+            if removal and triplet.concept in self._remove and triplet.positive and label is not None \
                     and rng.random() < self.augment.remove.get("probability", 1.0):
                 region = orientation.apply(np.isin(label[triplet.slice], self._values[triplet.concept]))
                 raw = fill_from_surroundings(raw, region, rng)
                 removed = True
             if self.augment.noise:
-                raw = raw + rng.normal(0.0, self.augment.noise * width, raw.shape).astype(np.float32)
+                raw = raw + noise_rng.normal(0.0, self.augment.noise * width, raw.shape).astype(np.float32)
         if outside is not None:  # a new array: raw may still be a view of the cached volume
             raw = np.where(outside, np.float32(AIR_HU), raw)
         pixel_values = to_model_input(torch.from_numpy(raw)[None], spec, size, self.preprocess["mean"],
@@ -480,16 +494,21 @@ class SliceDataset(Dataset):
         else:
             instances = [np.isin(label[triplet.slice], values) for values in self._instances[triplet.concept]]
         instances = [] if removed else [np.ascontiguousarray(orientation.apply(instance)) for instance in instances]
+        every = []
         for instance in instances:
             if not instance.any():
+                every.append(torch.zeros((size, size), dtype=torch.bool))
                 continue
             placed = layout.place(torch.from_numpy(instance.astype(np.float32))[None, None], antialias=False)[0, 0] > 0.5
-            if int(placed.sum()) >= self.min_area:
+            if int(placed.sum()) < self.min_area:
+                placed = torch.zeros_like(placed)
+            every.append(placed)
+            if placed.any():
                 masks.append(placed)
         masks_t = torch.stack(masks) if masks else torch.zeros((0, size, size), dtype=torch.bool)
         return {"pixel_values": pixel_values, "text": triplet.concept, "concept": triplet.concept,
                 "masks": masks_t, "boxes": masks_to_boxes(masks_t), "case": self.cases[triplet.case].id,
-                "slice_index": triplet.slice}
+                "slice_index": triplet.slice, "instance_masks": every}
 
 
 def coco_mask(segmentation, shape: tuple[int, int]) -> np.ndarray:

@@ -63,6 +63,22 @@ def parameter_groups(model: torch.nn.Module, lr_backbone: float, lr_text: float,
     return list(groups.values())
 
 
+def tracker_parameter_groups(video: torch.nn.Module, lr: float, weight_decay: float = 0.05) -> list[dict]:
+    """AdamW groups for the tracker of a ``Sam3VideoModel``: ``tracker_model`` and ``tracker_neck`` (the FPN
+    neck that feeds it from the shared ViT), one learning rate, no decay on norms, biases and embeddings."""
+    groups: dict[float, dict] = {}
+    for prefix in ("tracker_model", "tracker_neck"):
+        for name, param in getattr(video, prefix).named_parameters():
+            if not param.requires_grad:
+                continue
+            decay = 0.0 if _no_decay(name, param) else weight_decay
+            group = groups.setdefault(decay, {"params": [], "names": [], "lr": lr, "initial_lr": lr,
+                                              "weight_decay": decay, "group": "tracker"})
+            group["params"].append(param)
+            group["names"].append(f"{prefix}.{name}")
+    return list(groups.values())
+
+
 def lr_factor(step: int, warmup: int, total: int, schedule: str = "cosine", min_factor: float = 0.01) -> float:
     """Multiplier of every group's initial learning rate at ``step`` (0-based)."""
     if warmup > 0 and step < warmup:

@@ -1,4 +1,5 @@
-"""``medsam3-train``: full fine-tuning of SAM3's detector on text-prompted medical slices.
+"""``medsam3-train``: full fine-tuning of SAM3's detector on text-prompted medical slices, and of its
+tracker on clips of consecutive slices (``train.tasks``; Training/tracker.py).
 
     medsam3-train --config Training/configs/demo.yaml
     torchrun --nproc-per-node 4 -m Training.train --config Training/configs/full.yaml
@@ -35,7 +36,8 @@ from .data import BalancedSampler, SliceDataset, build_datasets, collate
 from .losses import Criterion, LossWeights
 from .matcher import MatchCosts
 from .model import forward_all_layers
-from .optim import build_optimizer, lr_factor, parameter_groups
+from .optim import build_optimizer, lr_factor, parameter_groups, tracker_parameter_groups
+from .tracker import ClipSource, track_clip, tracker_settings
 
 log = logging.getLogger("medsam3.train")
 
@@ -51,8 +53,10 @@ DEFAULTS = {
               "num_workers": 0, "positive_fraction": 0.7, "concepts_per_slice": 1, "concept_weights": {},
               "hard_negative_fraction": 0.0, "hard_negative_slices": 10, "export_dtype": "float32", "export_tracker": True,
               "export_interpolation": None, "box_prompt_probability": 0.0, "box_noise": 0.1, "fsdp": False,
-              "trainable": None},
+              "trainable": None, "tasks": ["detector"]},
+    "tracker": {},  # Training/tracker.py: TRACKER_DEFAULTS
 }
+TASKS = ("detector", "tracker")
 
 
 def load_config(path: Path | str) -> dict:
@@ -70,7 +74,7 @@ def load_config(path: Path | str) -> dict:
             raise InputError(f"{path}: unknown section {section!r}; sections: {', '.join(config)}")
         if not isinstance(values, dict):
             raise InputError(f"{path}: section {section!r} must be a mapping")
-        if section not in ("data",):
+        if section not in ("data", "tracker"):
             unknown = set(values) - set(config[section])
             if unknown:
                 raise InputError(f"{path}: unknown key(s) in {section}: {', '.join(sorted(unknown))}")
@@ -94,6 +98,20 @@ def load_config(path: Path | str) -> dict:
         if not config["model"]["init"] or config["model"]["lora"]:
             raise InputError(f"{path}: train.export_interpolation blends the fine-tuned weights with those of "
                              "model.init: it needs model.init and full fine-tuning (no model.lora)")
+    tasks = config["train"]["tasks"]
+    if not isinstance(tasks, list) or not tasks or set(tasks) - set(TASKS) or len(set(tasks)) != len(tasks):
+        raise InputError(f"{path}: train.tasks must list detector and/or tracker (what the run trains), got {tasks!r}")
+    from .tracker import tracker_settings
+
+    config["tracker"] = tracker_settings(config["tracker"], f"{path}: tracker")
+    if "tracker" in tasks:
+        if config["train"]["fsdp"]:
+            raise InputError(f"{path}: train.fsdp does not shard the tracker; train it with DDP (fsdp: false)")
+        if config["model"]["lora"]:
+            raise InputError(f"{path}: model.lora adapts the detector only; train the tracker without it")
+        if not config["train"]["export_tracker"]:
+            raise InputError(f"{path}: train.tasks trains the tracker but train.export_tracker: false would not "
+                             "export it")
     trainable = config["train"]["trainable"]
     if trainable is not None:
         if not isinstance(trainable, list) or not trainable or not all(isinstance(x, str) and x for x in trainable):
@@ -160,7 +178,7 @@ def build_model(model_cfg: dict, box_prompts: bool = False) -> ModelBundle:
         tokenizer = build_offline_tokenizer()
     detector = full.detector_model if hasattr(full, "detector_model") else full
     if model_cfg.get("dropout") is not None:  # e.g. 0 for bit-reproducible comparisons
-        for module in detector.modules():
+        for module in full.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = float(model_cfg["dropout"])
     preprocessing.update(model_cfg.get("preprocessing") or {})
@@ -335,11 +353,20 @@ class Trainer:
         self.device = _device(t["device"], local_rank)
         self.output = Path(output or t["output"])
         self.box_prompts = float(t["box_prompt_probability"]) > 0
+        self.tasks = list(t.get("tasks") or ["detector"])
+        self.tracker_cfg = tracker_settings(config.get("tracker"))
         self.bundle = build_model(config["model"], self.box_prompts)
         self.bundle.full.to(self.device)
         self.detector = self.bundle.detector
         self.detector.train()
-        frozen = freeze_unused(self.bundle, self.device, self.box_prompts)
+        if "tracker" in self.tasks:
+            self._prepare_tracker()
+        if "detector" in self.tasks:
+            frozen = freeze_unused(self.bundle, self.device, self.box_prompts)
+        else:  # a tracker stage: the detector (its ViT included, which the tracker reads) stays as it is
+            frozen = []
+            for param in self.detector.parameters():
+                param.requires_grad_(False)
         if frozen and self.rank == 0:
             log.info("%d parameter tensors get no gradient from text prompts and stay fixed: %s", len(frozen),
                      ", ".join(frozen[:6]) + (" ..." if len(frozen) > 6 else ""))
@@ -353,6 +380,12 @@ class Trainer:
         record_knowledge(self.bundle.preprocess, self.train_set.spec)
         if t["batch_size"] % self.world:
             raise InputError(f"train.batch_size {t['batch_size']} is not divisible by {self.world} processes")
+        self.clips = None
+        if "tracker" in self.tasks:
+            self.clips = ClipSource(self.train_set, self.tracker_cfg)
+            if self.tracker_cfg["clips_per_step"] % self.world:
+                raise InputError(f"tracker.clips_per_step {self.tracker_cfg['clips_per_step']} is not divisible by "
+                                 f"{self.world} processes")
         self.local_batch = t["batch_size"] // self.world
         self.sampler = BalancedSampler(self.train_set, t["epoch_steps"] * self.local_batch, seed=t["seed"],
                                        positive_fraction=t["positive_fraction"], rank=self.rank, world_size=self.world,
@@ -366,13 +399,16 @@ class Trainer:
                                    bool(loss["class_on_absent"]))
         self.model = self.detector
         self.fsdp = bool(t["fsdp"]) and self.world > 1
+        # with the tracker, gradients are averaged across processes by hand after each backward (one
+        # step runs the detector and the tracker: two graphs, which DDP's single forward cannot wrap)
+        self.manual_sync = "tracker" in self.tasks and self.world > 1
         if self.fsdp:  # parameters, gradients and optimizer state sharded across the processes
             from torch.distributed.fsdp import fully_shard
 
             for layer in self.detector.vision_encoder.backbone.layers:
                 fully_shard(layer)
             fully_shard(self.detector)
-        elif self.world > 1:
+        elif self.world > 1 and not self.manual_sync:
             from torch.nn.parallel import DistributedDataParallel
 
             # with box prompts the box encoder is used in some steps only
@@ -382,6 +418,10 @@ class Trainer:
         o = config["optim"]  # after sharding: FSDP replaces the parameters
         groups = parameter_groups(self.detector, o["lr_backbone"], o["lr_text"], o["lr_heads"], o["layer_decay"],
                                   o["weight_decay"])
+        if "tracker" in self.tasks:
+            lr = self.tracker_cfg["lr"] if self.tracker_cfg["lr"] is not None else o["lr_heads"]
+            groups += tracker_parameter_groups(self.bundle.full, float(lr), o["weight_decay"])
+        self.trained = [p for g in groups for p in g["params"]]
         self.optimizer = build_optimizer(groups, o["betas"], o["eps"])
         self.step = 0
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
@@ -396,7 +436,7 @@ class Trainer:
     def _full_states(self) -> tuple[dict, dict]:
         """Model and optimizer state as plain (unsharded) dicts; a collective call under FSDP."""
         if not self.fsdp:
-            return self.detector.state_dict(), self.optimizer.state_dict()
+            return self._scope().state_dict(), self.optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
 
@@ -410,6 +450,7 @@ class Trainer:
             return
         self.output.mkdir(parents=True, exist_ok=True)
         state = {"model": model_state, "optimizer": optimizer_state, "step": self.step,
+                 "scope": "full" if "tracker" in self.tasks else "detector",
                  "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
         partial = self.checkpoint_path.with_suffix(".pt.partial")
@@ -430,17 +471,41 @@ class Trainer:
             set_model_state_dict(self.detector, state["model"], options=options)
             set_optimizer_state_dict(self.detector, self.optimizer, state["optimizer"], options=options)
         else:
-            self.detector.load_state_dict(state["model"], strict=True)
+            scope = "full" if "tracker" in self.tasks else "detector"
+            if state.get("scope", "detector") != scope:
+                raise InputError(f"{path} holds the {state.get('scope', 'detector')} of a run with other train.tasks "
+                                 f"(this run trains {', '.join(self.tasks)}): resume with the config it was made with")
+            self._scope().load_state_dict(state["model"], strict=True)
             self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
+    def _scope(self) -> torch.nn.Module:
+        """What checkpoints hold: the whole video model when the tracker is trained, else the detector."""
+        return self.bundle.full if "tracker" in self.tasks else self.detector
+
+    def _prepare_tracker(self) -> None:
+        """The tracker trains in its inference protocol (``ObjectTrack``), with its dropout active."""
+        full = self.bundle.full
+        if not hasattr(full, "tracker_model"):
+            raise InputError("train.tasks includes the tracker, but model.init is a detector-only model (Sam3Model): "
+                             "start from a Sam3VideoModel folder (e.g. facebook/sam3)")
+        full.tracker_model.eval()
+        for module in full.tracker_model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.train()
+        for param in list(full.tracker_model.parameters()) + list(full.tracker_neck.parameters()):
+            param.requires_grad_(True)
+
     # loop ------------------------------------------------------------------------------------------
     def _batches(self):
         """Batches from the current step on; the data order depends only on (seed, step)."""
         t = self.config["train"]
+        if "detector" not in self.tasks:  # a tracker stage draws its clips in train_step
+            while True:
+                yield None
         while True:
             epoch, skip = divmod(self.step, t["epoch_steps"])
             self.sampler.set_epoch(epoch)
@@ -459,19 +524,65 @@ class Trainer:
         factor = lr_factor(self.step, o["warmup_steps"], self.config["train"]["steps"], o["schedule"])
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
-        ids, mask = tokenize(self.bundle.tokenizer, batch["text"], self.device)
-        targets = [{"boxes": b, "masks": m} for b, m in zip(batch["boxes"], batch["masks"])]
-        boxes, box_labels = self._box_prompts(batch["boxes"])
-        with self.autocast:
-            outputs = forward_all_layers(self.model, batch["pixel_values"].to(self.device), ids, mask, boxes, box_labels)
-        total, terms = self.criterion(outputs, targets)
         self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        terms: dict = {}
+        if "detector" in self.tasks:
+            ids, mask = tokenize(self.bundle.tokenizer, batch["text"], self.device)
+            targets = [{"boxes": b, "masks": m} for b, m in zip(batch["boxes"], batch["masks"])]
+            boxes, box_labels = self._box_prompts(batch["boxes"])
+            with self.autocast:
+                outputs = forward_all_layers(self.model, batch["pixel_values"].to(self.device), ids, mask, boxes,
+                                             box_labels)
+            total, terms = self.criterion(outputs, targets)
+        if "tracker" in self.tasks:
+            tracker_loss, tracker_terms = self._tracker_loss()
+            total = total + float(self.tracker_cfg["loss_weight"]) * tracker_loss
+            terms.update(tracker_terms)
         total.backward()
+        if self.manual_sync:
+            self._average_gradients()
         if o["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(self.detector.parameters(), o["grad_clip"])
+            torch.nn.utils.clip_grad_norm_(self.trained, o["grad_clip"])
         self.optimizer.step()
         self.step += 1
         return {"loss": float(total.detach()), "lr_factor": factor, **terms}
+
+    def _tracker_loss(self) -> tuple[torch.Tensor, dict]:
+        """The mean tracker loss over this process's clips of the step. Clip ``g`` of the global batch
+        is drawn from ``(seed, step, g)`` alone: the same clips whatever the number of processes."""
+        t = self.config["train"]
+        local = self.tracker_cfg["clips_per_step"] // self.world
+        losses, sums = [], {}
+        backbone_grad = "detector" in self.tasks
+        for j in range(local):
+            rng = np.random.default_rng([t["seed"], 1, self.step, self.rank * local + j])
+            clip = self.clips.draw(rng)
+            with self.autocast:
+                loss, clip_terms = track_clip(self.bundle.full, self.detector, clip, self.tracker_cfg, rng, self.device,
+                                              backbone_grad)
+            losses.append(loss)
+            for key, value in clip_terms.items():
+                sums[key] = sums.get(key, 0.0) + value / local
+        terms = {f"tracker_{k}": v for k, v in sums.items()}
+        loss = torch.stack(losses).mean()
+        terms["tracker_loss"] = float(loss.detach())
+        return loss, terms
+
+    def _average_gradients(self) -> None:
+        """Average the gradients of every trained parameter across processes (as DDP does); a parameter
+        this process did not reach contributes zeros."""
+        for param in self.trained:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        grads = [param.grad for param in self.trained]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
 
     def _box_prompts(self, boxes: list[torch.Tensor]):
         """With ``train.box_prompt_probability``, one ground-truth box per sample (jittered by
