@@ -92,8 +92,9 @@ def tracker_settings(raw: Optional[dict], where: str = "tracker") -> dict:
     if not isinstance(settings["clip_length"], int) or settings["clip_length"] < 2:
         raise InputError(f"{where}.clip_length must be an integer >= 2 (slices per clip), got {settings['clip_length']!r}")
     for key in ("clips_per_step", "correction_clicks", "corrected_frames"):
-        if not isinstance(settings[key], int) or settings[key] < (1 if key == "clips_per_step" else 0):
-            raise InputError(f"{where}.{key} must be a non-negative integer, got {settings[key]!r}")
+        least = 1 if key == "clips_per_step" else 0
+        if not isinstance(settings[key], int) or settings[key] < least:
+            raise InputError(f"{where}.{key} must be an integer >= {least}, got {settings[key]!r}")
     shares = settings["prompts"]
     if any(not isinstance(v, (int, float)) or v < 0 for v in shares.values()) or sum(shares.values()) <= 0:
         raise InputError(f"{where}.prompts: proportions of mask, box and points must be >= 0 and not all 0, got {shares!r}")

@@ -101,8 +101,6 @@ def load_config(path: Path | str) -> dict:
     tasks = config["train"]["tasks"]
     if not isinstance(tasks, list) or not tasks or set(tasks) - set(TASKS) or len(set(tasks)) != len(tasks):
         raise InputError(f"{path}: train.tasks must list detector and/or tracker (what the run trains), got {tasks!r}")
-    from .tracker import tracker_settings
-
     config["tracker"] = tracker_settings(config["tracker"], f"{path}: tracker")
     if "tracker" in tasks:
         if config["train"]["fsdp"]:
