@@ -80,8 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "(for PACS; needs a DICOM series input and highdicom)")
     seg.add_argument("--overlay", action="store_true", help="also write <output>_overlay.png to look at")
     seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    seg.add_argument("--mode", choices=["propagate", "slices"], default="propagate",
-                     help="propagate: detector + memory-bank tracker (default); slices: detector per slice")
+    seg.add_argument("--mode", choices=["propagate", "slices", "clips"], default=None,
+                     help="propagate: detector + memory-bank tracker through the whole volume; slices: detector per "
+                          "slice; clips: Medical SAM3's protocol, the text prompt re-detected and the memory reset "
+                          "every --clip-length slices (default: the model's own, default_mode in its "
+                          "medsam3_preprocessing.json, else propagate)")
+    seg.add_argument("--clip-length", type=int, default=4, help="clips: slices per clip (default 4)")
     seg.add_argument("--threshold", type=float, default=0.5, help="instance score threshold (default 0.5)")
     seg.add_argument("--mask-threshold", type=float, default=None,
                      help="mask probability threshold (default: the model's own, else 0.5)")
@@ -285,7 +289,7 @@ def _options(args: argparse.Namespace):
 
     options = SegmentOptions(mode=args.mode, score_threshold=args.threshold, mask_threshold=args.mask_threshold,
                              new_object_threshold=args.new_object_threshold, instances=args.instances,
-                             shared_anchor=args.shared_anchor,
+                             shared_anchor=args.shared_anchor, clip_length=args.clip_length,
                              window=args.window, modality=args.modality, slice_axis=args.slice_axis,
                              batch_size=args.batch_size, min_component_voxels=args.min_component_voxels,
                              fill_holes=args.fill_holes, largest_component=args.largest_component,

@@ -72,7 +72,8 @@ class MedicalSAM3ParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
     prompts: str = ""
-    mode: Annotated[str, Choice(["propagate", "slices"])] = "propagate"
+    # auto: the model's own default mode (measured best on its validation scans), else propagate
+    mode: Annotated[str, Choice(["auto", "propagate", "slices", "clips"])] = "auto"
     scoreThreshold: Annotated[float, WithinRange(0.0, 0.95)] = 0.5
     window: Annotated[str, Choice(["auto", "soft_tissue", "abdomen", "lung", "bone", "brain"])] = "auto"
     keepOverlapping: bool = False
@@ -470,7 +471,8 @@ class MedicalSAM3Logic(ScriptedLoadableModuleLogic):
 
         values = {}
         if parameters is not None:
-            values = {"mode": parameters.mode, "score_threshold": float(parameters.scoreThreshold),
+            values = {"mode": None if parameters.mode == "auto" else parameters.mode,
+                      "score_threshold": float(parameters.scoreThreshold),
                       "window": parameters.window}
         values.update(overrides)
         options = SegmentOptions(**values)

@@ -42,7 +42,8 @@ from .tracker import ClipSource, track_clip, tracker_settings
 log = logging.getLogger("medsam3.train")
 
 DEFAULTS = {
-    "model": {"init": None, "from_config": None, "preprocessing": {}, "seed": 0, "dropout": None, "lora": None},
+    "model": {"init": None, "from_config": None, "preprocessing": {}, "seed": 0, "dropout": None, "lora": None,
+              "add_tracker": None},
     "data": {},
     "optim": {"lr_backbone": 5e-5, "lr_text": 5e-5, "lr_heads": 3e-4, "layer_decay": 0.85, "weight_decay": 0.05,
               "warmup_steps": 100, "schedule": "cosine", "grad_clip": 0.1, "betas": [0.9, 0.999], "eps": 1e-8},
@@ -90,6 +91,16 @@ def load_config(path: Path | str) -> dict:
     if bool(config["model"]["init"]) == bool(config["model"]["from_config"]):
         raise InputError(f"{path}: give exactly one of model.init (a model folder or hub id to fine-tune) or "
                          "model.from_config (sizes of a model trained from scratch)")
+    extra = config["model"]["add_tracker"]
+    if extra is not None:
+        sizes = ("heads", "ffn", "memory_layers")
+        if not isinstance(extra, dict) or set(extra) - set(sizes) or \
+                not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in extra.values()):
+            raise InputError(f"{path}: model.add_tracker must be a mapping of positive integers among "
+                             f"{', '.join(sizes)} (sizes of the new tracker; {{}} for the defaults), got {extra!r}")
+        if not config["model"]["init"]:
+            raise InputError(f"{path}: model.add_tracker puts a tracker around the detector of model.init; "
+                             "it needs model.init (a model trained from_config has its tracker already)")
     alpha = config["train"]["export_interpolation"]
     if alpha is not None:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha <= 1.0:
@@ -160,7 +171,7 @@ def build_model(model_cfg: dict, box_prompts: bool = False) -> ModelBundle:
 
     from MedicalSAM3Core.inference.models import (GEOMETRY_BOX_ONLY, check_preprocessing, from_pretrained,
                                                   read_preprocessing, resolve_model_dir, use_prompt_graph)
-    from MedicalSAM3Core.inference.tiny import build_offline_tokenizer, small_video_config
+    from MedicalSAM3Core.inference.tiny import add_tracker, build_offline_tokenizer, small_video_config
     from MedicalSAM3Core.preprocessing.intensity import SAM3_MEAN, SAM3_STD
 
     torch.manual_seed(int(model_cfg.get("seed", 0)))
@@ -169,6 +180,11 @@ def build_model(model_cfg: dict, box_prompts: bool = False) -> ModelBundle:
         folder = resolve_model_dir(str(model_cfg["init"]))
         kind = json.loads((folder / "config.json").read_text()).get("model_type")
         full = from_pretrained(Sam3VideoModel if kind == "sam3_video" else Sam3Model, folder)
+        if model_cfg.get("add_tracker") is not None:  # a new, random tracker around a detector-only model
+            if kind == "sam3_video":
+                raise InputError(f"model.add_tracker: {folder} already holds a tracker (a sam3_video model); "
+                                 "remove add_tracker to train the tracker it has")
+            full = add_tracker(full, **model_cfg["add_tracker"])
         tokenizer = AutoTokenizer.from_pretrained(folder)
         preprocessing = read_preprocessing(folder)
     else:
@@ -375,7 +391,8 @@ class Trainer:
         if datasets is None:
             datasets = build_datasets(config["data"], self.bundle.preprocess)
         self.train_set, self.val_set = datasets
-        record_knowledge(self.bundle.preprocess, self.train_set.spec)
+        if "detector" in self.tasks:  # a tracker stage teaches no text: the model knows what it knew
+            record_knowledge(self.bundle.preprocess, self.train_set.spec)
         if t["batch_size"] % self.world:
             raise InputError(f"train.batch_size {t['batch_size']} is not divisible by {self.world} processes")
         self.clips = None

@@ -19,14 +19,18 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 }
 
 SLICE_AXES = {"k": 0, "j": 1, "i": 2}
-MODES = ("propagate", "slices")
+MODES = ("propagate", "slices", "clips")
+#: the mode run when neither the caller nor the model (``default_mode`` of its medsam3_preprocessing.json) chooses
+DEFAULT_MODE = "propagate"
 
 
 @dataclass
 class SegmentOptions:
     """What a caller can tune. Defaults follow SAM3's own inference settings."""
 
-    mode: str = "propagate"
+    # propagate, slices or clips (the engine's docstring); None: the model's own (``default_mode`` of its
+    # medsam3_preprocessing.json, the mode that measured best on its validation scans), else propagate
+    mode: Optional[str] = None
     score_threshold: float = 0.5
     # mask probability above which a pixel belongs to an instance, for every prompt; None: the model's
     # own (``concept_mask_thresholds`` / ``mask_threshold`` of its medsam3_preprocessing.json, chosen on
@@ -43,6 +47,7 @@ class SegmentOptions:
     new_object_threshold: Optional[float] = None  # propagate: detection score that starts a new track
     anchor_samples: int = 16  # propagate: slices probed to choose where tracking starts
     shared_anchor: bool = False  # propagate: one start slice for all prompts (fewer sweeps) instead of one each
+    clip_length: int = 4  # clips: slices per independent clip (Medical SAM3's inference_3d.py: 4)
     min_component_voxels: int = 0  # clean-up: drop 3D components smaller than this
     fill_holes: bool = False  # clean-up: fill enclosed cavities
     # clean-up: keep only each structure's largest 3D connected component. None: the model's own choice
@@ -54,7 +59,7 @@ class SegmentOptions:
     def validate(self) -> None:
         """Raise :class:`InputError` naming the first unusable option (wrong type or out of range)."""
         self._check_types()
-        if self.mode not in MODES:
+        if self.mode is not None and self.mode not in MODES:
             raise InputError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
         for name in ("score_threshold", "mask_threshold"):
             value = getattr(self, name)
@@ -74,6 +79,8 @@ class SegmentOptions:
             raise InputError("label_dtype must be uint8 or uint16")
         if self.min_component_voxels < 0:
             raise InputError("min_component_voxels must be >= 0")
+        if not 1 <= self.clip_length <= 4096:
+            raise InputError(f"clip_length must be between 1 and 4096 slices, got {self.clip_length}")
         if not 1 <= self.anchor_samples <= 1024:
             raise InputError(f"anchor_samples must be between 1 and 1024, got {self.anchor_samples}")
         low, high = self.percentiles
@@ -97,6 +104,8 @@ class SegmentOptions:
             if kind == "bool?" and (value is None or isinstance(value, bool)):
                 continue
             if kind == "str" and isinstance(value, str):
+                continue
+            if kind == "str?" and (value is None or isinstance(value, str)):
                 continue
             if kind == "pair" and isinstance(value, (tuple, list)) and len(value) == 2 and all(map(number, value)):
                 continue
@@ -126,7 +135,8 @@ class SegmentOptions:
         return options
 
 
-_TYPES = {"mode": "str", "score_threshold": "number", "mask_threshold": "number?", "instances": "str",
+_TYPES = {"mode": "str?", "score_threshold": "number", "mask_threshold": "number?", "instances": "str",
           "window": "str", "modality": "str", "percentiles": "pair", "slice_axis": "str", "batch_size": "int",
           "new_object_threshold": "number?", "anchor_samples": "int", "shared_anchor": "bool",
+          "clip_length": "int",
           "min_component_voxels": "int", "fill_holes": "bool", "largest_component": "bool?", "label_dtype": "str"}

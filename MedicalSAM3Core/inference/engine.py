@@ -11,13 +11,19 @@ Modes
     score threshold is kept, merged into the prompt's one label (``instances="union"``, the default:
     both lungs, every vertebra), or only the most confident one (``"best"``). Score = sigmoid(class logit) x sigmoid(presence
     logit), exactly transformers' ``post_process_instance_segmentation``.
-``propagate`` (default)
+``propagate`` (the default, unless the model names another: ``default_mode`` in its medsam3_preprocessing.json)
     SAM3's detector-tracker (``Sam3VideoModel``) with its memory bank, the slices as video frames.
     A quick detection pass over a few evenly spaced slices finds, for each prompt, the slice where
     it is detected most confidently; tracking starts there and runs to both ends of the volume in
     two sweeps (prompts with the same start slice share the sweeps and the vision encoding). The
     detector keeps running on every frame inside the video model, so structures in several
     disconnected places are re-detected and added as new objects.
+
+``clips``
+    Medical SAM3's own 3D protocol (``medical/inference_3d.py``): the slices are cut into independent
+    clips of ``clip_length`` (4); each clip starts from a fresh video session, so the text is detected
+    again on its first slice and no memory crosses clips; hotstart is off; prompts are fused per pixel
+    by mask probability.
 
 Slices are taken along the acquisition axis ``k`` by default (``slice_axis`` may choose ``j`` or
 ``i``). Memory stays bounded: slices are preprocessed on the fly, in batches, so a 1000-slice
@@ -37,7 +43,7 @@ import numpy as np
 import torch
 
 from ..common.errors import InputError
-from ..common.options import SLICE_AXES, SegmentOptions
+from ..common.options import DEFAULT_MODE, SLICE_AXES, SegmentOptions
 from ..common.progress import CancelToken, ProgressCallback, ProgressTracker
 from ..common.prompts import PromptDictionary, ResolvedPrompt, default_dictionary
 from ..common.result import LabelInfo, SegmentationResult, pack_mask
@@ -144,7 +150,8 @@ class Segmenter:
         options.validate()
         resolved = self.dictionary.resolve_all(list(prompts), self.model.preprocessing.get("trained_concepts"))
         thresholds = self.mask_thresholds(resolved, options)
-        options = replace(options, mask_threshold=self._mask_threshold(options))  # recorded in the sidecar
+        # recorded in the sidecar: the mode and mask threshold the caller, else the model, chose
+        options = replace(options, mask_threshold=self._mask_threshold(options), mode=self.default_mode(options))
         warnings = [p.warning for p in resolved if p.warning]
         for message in warnings:
             log.warning(message)
@@ -153,7 +160,7 @@ class Segmenter:
             raise InputError(f"{len(resolved)} prompts do not fit a {label_dtype} label map "
                              f"(at most {label_capacity(label_dtype)}); use label_dtype uint16")
         mode = options.mode
-        if mode == "propagate" and self.model.video is None:
+        if mode in ("propagate", "clips") and self.model.video is None:
             mode = "slices"
             warnings.append("the model has no tracker (image-only SAM3 checkpoint): used 'slices' mode")
             log.warning(warnings[-1])
@@ -179,6 +186,11 @@ class Segmenter:
             tracker = ProgressTracker(n_slices, progress, cancel)
             accumulator = VolumeAccumulator(len(resolved), view.shape, label_dtype, exact=True)
             self._run_slices(view, groups, texts, options, accumulator, tracker)
+        elif mode == "clips":
+            tracker = ProgressTracker(len(groups) * n_slices, progress, cancel)
+            accumulator = VolumeAccumulator(len(resolved), view.shape, label_dtype, exact=len(groups) == 1)
+            for group in groups:
+                self._run_clips(view, group, texts, options, accumulator, tracker)
         else:
             probes = _probe_slices(n_slices, options.anchor_samples)
             # each track sweeps n_slices + 1 frames (its start slice twice); the count of tracks is
@@ -194,6 +206,11 @@ class Segmenter:
                 self._run_propagate(view, track, anchor, texts, options, accumulator, tracker)
 
         return self._finish(volume, resolved, accumulator, axis, orientation, mode, options, groups, warnings, thresholds)
+
+    def default_mode(self, options: SegmentOptions) -> str:
+        """The caller's mode, else the model's own (``default_mode`` of its medsam3_preprocessing.json: the
+        mode that measured best on its validation scans), else :data:`DEFAULT_MODE` (propagate)."""
+        return options.mode or self.model.preprocessing.get("default_mode") or DEFAULT_MODE
 
     def largest_component_flags(self, prompts: Sequence[ResolvedPrompt], options: SegmentOptions) -> list[bool]:
         """Per prompt: keep only its largest 3D component? The caller's choice (True / False for every
@@ -370,8 +387,34 @@ class Segmenter:
             for name, value in saved.items():
                 setattr(video, name, value)
 
+    def _run_clips(self, view: np.ndarray, group: _Group, texts: list[_TextEmbedding], options: SegmentOptions,
+                   accumulator: VolumeAccumulator, tracker: ProgressTracker) -> None:
+        """Medical SAM3's 3D protocol (``medical/inference_3d.py``, its released defaults): the slices are
+        cut into independent clips of ``options.clip_length``; each clip starts from a fresh session (no
+        memory of the previous clip), the text prompt detected on its first slice and tracked through the
+        clip, hotstart off (every output final at once: delay, unmatched and duplicate counts 0). Prompts
+        are fused per pixel by mask probability (their ``pixel_score`` fusion), not score x probability."""
+        video = self.model.video
+        names = ("score_threshold_detection", "new_det_thresh", "hotstart_delay", "hotstart_unmatch_thresh",
+                 "hotstart_dup_thresh")
+        saved = {name: getattr(video, name) for name in names}
+        video.score_threshold_detection = options.score_threshold
+        if options.new_object_threshold is not None:
+            video.new_det_thresh = options.new_object_threshold
+        video.hotstart_delay = video.hotstart_unmatch_thresh = video.hotstart_dup_thresh = 0
+        try:
+            n_slices = view.shape[0]
+            for start in range(0, n_slices, options.clip_length):
+                order = range(start, min(n_slices, start + options.clip_length))
+                self._sweep(view, group, texts, options, accumulator, tracker, order, False, skip_frame=None,
+                            pixel_fusion=True)
+        finally:
+            for name, value in saved.items():
+                setattr(video, name, value)
+
     @torch.inference_mode()
-    def _sweep(self, view, group, texts, options, accumulator, tracker, order, reverse, skip_frame) -> None:
+    def _sweep(self, view, group, texts, options, accumulator, tracker, order, reverse, skip_frame,
+               pixel_fusion: bool = False) -> None:
         from transformers.models.sam3_video.modeling_sam3_video import Sam3VideoInferenceSession
 
         model, video = self.model, self.model.video
@@ -394,7 +437,7 @@ class Segmenter:
             if output.frame_idx == skip_frame:
                 return
             self._accumulate_frame(output, session, prompt_of_id, group, options, accumulator, (rows, cols),
-                                   [text.mask_threshold for text in texts])
+                                   [text.mask_threshold for text in texts], pixel_fusion)
 
         for frame_idx in order:
             tracker.check()
@@ -410,7 +453,10 @@ class Segmenter:
             emit(buffer.popleft())
 
     def _accumulate_frame(self, output, session, prompt_of_id: dict, group: _Group, options: SegmentOptions,
-                          accumulator: VolumeAccumulator, size: tuple[int, int], thresholds: list[float]) -> None:
+                          accumulator: VolumeAccumulator, size: tuple[int, int], thresholds: list[float],
+                          pixel_fusion: bool = False) -> None:
+        """One tracked frame into ``accumulator``: each prompt's objects above the score threshold, a
+        pixel's confidence score x mask probability (``pixel_fusion``: the mask probability alone)."""
         hidden = set(output.suppressed_obj_ids or ()) | set(session.hotstart_removed_obj_ids)
         n = len(group.prompt_indices)
         position = {k: j for j, k in enumerate(group.prompt_indices)}
@@ -430,7 +476,7 @@ class Segmenter:
             claimed = probs > thresholds[k]
             if not claimed.any():
                 continue
-            obj_conf = torch.where(claimed, score * probs, torch.zeros(()))
+            obj_conf = torch.where(claimed, probs if pixel_fusion else score * probs, torch.zeros(()))
             if options.instances == "best":
                 if score > best_score[j]:
                     conf[j], best_score[j] = obj_conf, score

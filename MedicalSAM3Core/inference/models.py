@@ -276,6 +276,10 @@ def check_preprocessing(data: dict, path) -> dict:
     if not isinstance(data.get("empty_geometry_prompt", True), bool):
         raise ModelLoadError(f"{path}: empty_geometry_prompt must be true or false, "
                              f"got {data['empty_geometry_prompt']!r}")
+    from ..common.options import MODES
+
+    if data.get("default_mode") is not None and data["default_mode"] not in MODES:
+        raise ModelLoadError(f"{path}: default_mode {data['default_mode']!r} is not one of {', '.join(MODES)}")
     threshold = data.get("mask_threshold")
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                   or not 0.0 < threshold < 1.0):

@@ -48,8 +48,7 @@ def small_video_config(image_size: int = 56, patch_size: int = 14, vit_hidden: i
     fixed 64 memory channels (object pointers break when they are equal), so at least 128.
     ``global_attention`` defaults to four evenly spaced global-attention ViT layers, as in SAM3.
     """
-    from transformers import (Sam3Config, Sam3TrackerVideoConfig, Sam3VideoConfig, Sam3VisionConfig,
-                              Sam3ViTConfig)
+    from transformers import Sam3Config, Sam3VideoConfig, Sam3VisionConfig, Sam3ViTConfig
 
     grid = image_size // patch_size
     if global_attention is None:
@@ -72,16 +71,47 @@ def small_video_config(image_size: int = 56, patch_size: int = 14, vit_hidden: i
         detr_decoder_config=dict(num_layers=detr_decoder_layers, num_queries=queries, **small),
         mask_decoder_config=dict(hidden_size=hidden, num_upsampling_stages=3, num_attention_heads=heads),
     )
-    tracker = Sam3TrackerVideoConfig(
-        vision_config=vision.to_dict(), prompt_encoder_config=dict(hidden_size=hidden, image_size=image_size),
+    tracker = small_tracker_config(vision.to_dict(), image_size, hidden=hidden, heads=heads, ffn=ffn)
+    return Sam3VideoConfig(detector_config=detector.to_dict(), tracker_config=tracker.to_dict(),
+                           low_res_mask_size=4 * grid)
+
+
+def small_tracker_config(vision_config: dict, image_size: int, hidden: int = 128, heads: int = 2, ffn: int = 128,
+                         memory_layers: int = 1):
+    """Config of a scaled-down SAM3 tracker (``Sam3TrackerVideoConfig``) reading the vision backbone
+    ``vision_config`` (a ``Sam3VisionConfig`` as a dict) at ``image_size`` px: prompt encoder, SAM2
+    mask decoder, ``memory_layers`` memory-attention layers and memory encoder, all ``hidden`` wide
+    (at least 128: transformers' object pointers break when the width equals its 64 memory channels).
+    SAM3 itself: hidden 256, 8 heads, ffn 2048, 4 memory-attention layers."""
+    from transformers import Sam3TrackerVideoConfig
+
+    return Sam3TrackerVideoConfig(
+        vision_config=vision_config, prompt_encoder_config=dict(hidden_size=hidden, image_size=image_size),
         mask_decoder_config=dict(hidden_size=hidden, mlp_dim=ffn, num_attention_heads=heads,
                                  iou_head_hidden_dim=hidden),
-        memory_attention_hidden_size=hidden, memory_attention_num_layers=1,
+        memory_attention_hidden_size=hidden, memory_attention_num_layers=memory_layers,
         memory_attention_feed_forward_hidden_size=ffn, memory_encoder_hidden_size=hidden,
         memory_encoder_output_channels=64, mask_downsampler_embed_dim=hidden, memory_fuser_embed_dim=hidden,
         memory_fuser_intermediate_dim=ffn, image_size=image_size)
-    return Sam3VideoConfig(detector_config=detector.to_dict(), tracker_config=tracker.to_dict(),
-                           low_res_mask_size=4 * grid)
+
+
+def add_tracker(detector, heads: int = 4, ffn: int = 512, memory_layers: int = 2):
+    """A ``Sam3VideoModel`` holding ``detector`` (a ``Sam3Model``; its weights copied exactly) and a new
+    tracker sized by :func:`small_tracker_config` to the detector's FPN width, vision backbone and input
+    size, with random weights (its FPN neck included: Meta's SAM3 builds the tracker's neck as a copy of
+    the detector's, ``sam2_convs = deepcopy(convs)``, before loading trained weights into both): the start
+    of a tracker trained on top of a detector-only model."""
+    from transformers import Sam3VideoConfig, Sam3VideoModel
+
+    config = detector.config
+    grid = config.image_size // config.vision_config.backbone_config.patch_size
+    hidden = int(config.vision_config.fpn_hidden_size)
+    tracker = small_tracker_config(config.vision_config.to_dict(), int(config.image_size), hidden=hidden, heads=heads,
+                                   ffn=ffn, memory_layers=memory_layers)
+    video = Sam3VideoModel(Sam3VideoConfig(detector_config=config.to_dict(), tracker_config=tracker.to_dict(),
+                                           low_res_mask_size=4 * grid))
+    video.detector_model.load_state_dict(detector.state_dict(), strict=True)
+    return video
 
 
 def tiny_video_config(image_size: int = 56):

@@ -42,7 +42,7 @@ def _assert_same(remote, local) -> None:
         np.testing.assert_array_equal(remote.mask(i), local.mask(i))
 
 
-@pytest.mark.parametrize("mode", ["slices", "propagate"])
+@pytest.mark.parametrize("mode", ["slices", "propagate", "clips"])
 def test_server_result_equals_local_engine(engine_server, tiny_model, mode):
     url, _ = engine_server
     volume = _volume()

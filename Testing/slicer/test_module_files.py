@@ -109,7 +109,7 @@ def test_ui_parameters_are_parameter_node_fields_with_the_engines_choices():
     assert set(bound) == set(fields), (set(bound) ^ set(fields))
     choices = {name: ast.literal_eval(node.slice.elts[1].args[0]) for name, node in fields.items()
                if isinstance(node, ast.Subscript) and "Choice" in ast.unparse(node)}
-    assert choices["mode"] == list(MODES)
+    assert choices["mode"] == ["auto", *MODES]
     assert choices["window"] == ["auto", *CT_WINDOWS]
     assert bound["mode"] == bound["window"] == "QComboBox"
 

@@ -318,3 +318,49 @@ def test_tracker_config_errors_name_the_problem(discs, tmp_path):
     tracker_run = tiny_config(discs, tmp_path / "det", tasks=["detector", "tracker"], steps=2)
     with pytest.raises(InputError, match="holds the detector of a run with other train.tasks"):
         Trainer(tracker_run).run(resume=True)
+
+
+def test_a_tracker_is_added_to_a_detector_only_model_and_trained(discs, tmp_path):
+    """``model.add_tracker`` (the demo model's fourth stage): a new tracker, sized to the detector, around a
+    detector-only model (``Sam3Model``); a tracker stage trains it, and the export is a detector-tracker
+    whose detector is exactly the one it started from."""
+    from safetensors.torch import load_file
+
+    from MedicalSAM3Core.inference.models import load_model
+    from Training.train import Trainer, load_config
+
+    detector_run = tiny_config(discs, tmp_path / "det", steps=1, export_tracker=False)
+    Trainer(detector_run).run()
+    assert json.loads((tmp_path / "det" / "model" / "config.json").read_text())["model_type"] == "sam3"
+    preprocessing = tmp_path / "det" / "model" / "medsam3_preprocessing.json"  # as if its text had been taught "Liver"
+    preprocessing.write_text(json.dumps({**json.loads(preprocessing.read_text()), "trained_concepts": ["Liver"]}))
+    config = tiny_config(discs, tmp_path / "trk", tasks=["tracker"], steps=2)
+    config["model"] = {**config["model"], "from_config": None, "init": str(tmp_path / "det" / "model"),
+                       "add_tracker": {"heads": 2, "ffn": 64, "memory_layers": 1}}
+    trainer = Trainer(config)
+    tracker = trainer.bundle.full.tracker_model
+    assert len(tracker.memory_attention.layers) == 1
+    assert tracker.config.memory_attention_hidden_size == trainer.detector.config.vision_config.fpn_hidden_size
+    trainer.run()
+    folder = tmp_path / "trk" / "model"
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "sam3_video"
+    started, exported = load_file(str(tmp_path / "det" / "model" / "model.safetensors")), load_file(
+        str(folder / "model.safetensors"))
+    for key, value in started.items():  # the detector is the one it started from, bit for bit
+        assert torch.equal(exported["detector_model." + key], value), key
+    assert load_model(str(folder), device="cpu").video is not None
+    # a tracker stage teaches no text: the model says it knows what its detector knew, no more
+    assert json.loads((folder / "medsam3_preprocessing.json").read_text())["trained_concepts"] == ["Liver"]
+
+    def written(model):
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump({"model": model, "data": {"dataset": str(discs)}}))
+        return path
+
+    with pytest.raises(InputError, match="add_tracker puts a tracker around the detector of model.init"):
+        load_config(written({"from_config": {"image_size": 56}, "add_tracker": {}}))
+    with pytest.raises(InputError, match="add_tracker must be a mapping of positive integers"):
+        load_config(written({"init": str(folder), "add_tracker": {"layers": 2}}))
+    config["model"]["init"] = str(folder)
+    with pytest.raises(InputError, match="already holds a tracker"):
+        Trainer(config)

