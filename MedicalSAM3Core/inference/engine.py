@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator, Optional, Sequence
 
@@ -369,23 +370,32 @@ class Segmenter:
             by_anchor.setdefault(anchor, _Group(group.spec, group.layout)).prompt_indices.append(k)
         return [(track, anchor) for anchor, track in sorted(by_anchor.items())]
 
+    @contextmanager
+    def _video_settings(self, options: SegmentOptions, **fixed) -> Iterator[None]:
+        """The video model's detection thresholds from ``options``, and the attributes ``fixed`` (e.g. its
+        hotstart), for the duration of one pass; the model's own values are restored afterwards."""
+        video = self.model.video
+        values = {"score_threshold_detection": options.score_threshold, **fixed}
+        if options.new_object_threshold is not None:
+            values["new_det_thresh"] = options.new_object_threshold
+        saved = {name: getattr(video, name) for name in values}
+        try:
+            for name, value in values.items():
+                setattr(video, name, value)
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(video, name, value)
+
     def _run_propagate(self, view: np.ndarray, group: _Group, anchor: int, texts: list[_TextEmbedding],
                        options: SegmentOptions, accumulator: VolumeAccumulator, tracker: ProgressTracker) -> None:
-        video = self.model.video
         log.info("propagating prompts %s from slice %d", group.prompt_indices, anchor)
-        saved = {name: getattr(video, name) for name in ("score_threshold_detection", "new_det_thresh")}
-        video.score_threshold_detection = options.score_threshold
-        if options.new_object_threshold is not None:
-            video.new_det_thresh = options.new_object_threshold
-        try:
+        with self._video_settings(options):
             n_slices = view.shape[0]
             for reverse in (False, True):
                 order = range(anchor, -1, -1) if reverse else range(anchor, n_slices)
                 self._sweep(view, group, texts, options, accumulator, tracker, order, reverse,
                             skip_frame=anchor if reverse else None)
-        finally:
-            for name, value in saved.items():
-                setattr(video, name, value)
 
     def _run_clips(self, view: np.ndarray, group: _Group, texts: list[_TextEmbedding], options: SegmentOptions,
                    accumulator: VolumeAccumulator, tracker: ProgressTracker) -> None:
@@ -394,23 +404,12 @@ class Segmenter:
         memory of the previous clip), the text prompt detected on its first slice and tracked through the
         clip, hotstart off (every output final at once: delay, unmatched and duplicate counts 0). Prompts
         are fused per pixel by mask probability (their ``pixel_score`` fusion), not score x probability."""
-        video = self.model.video
-        names = ("score_threshold_detection", "new_det_thresh", "hotstart_delay", "hotstart_unmatch_thresh",
-                 "hotstart_dup_thresh")
-        saved = {name: getattr(video, name) for name in names}
-        video.score_threshold_detection = options.score_threshold
-        if options.new_object_threshold is not None:
-            video.new_det_thresh = options.new_object_threshold
-        video.hotstart_delay = video.hotstart_unmatch_thresh = video.hotstart_dup_thresh = 0
-        try:
+        with self._video_settings(options, hotstart_delay=0, hotstart_unmatch_thresh=0, hotstart_dup_thresh=0):
             n_slices = view.shape[0]
             for start in range(0, n_slices, options.clip_length):
                 order = range(start, min(n_slices, start + options.clip_length))
                 self._sweep(view, group, texts, options, accumulator, tracker, order, False, skip_frame=None,
                             pixel_fusion=True)
-        finally:
-            for name, value in saved.items():
-                setattr(video, name, value)
 
     @torch.inference_mode()
     def _sweep(self, view, group, texts, options, accumulator, tracker, order, reverse, skip_frame,
