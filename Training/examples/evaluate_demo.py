@@ -214,6 +214,10 @@ def main(argv=None) -> int:
     sets = prompt_sets(args.case)
     if args.sets:
         wanted = args.sets.split(",")
+        unknown = sorted(set(wanted) - set(sets) - {"organs"})
+        if unknown:
+            parser.error(f"--sets: unknown set(s) {', '.join(unknown)} for --case {args.case}; "
+                         f"choose among {', '.join([*sets, 'organs'])}")
         sets = {**{n: p for n, p in sets.items() if n in wanted},
                 **({organ: [organ] for organ in DEMO_PROMPTS} if "organs" in wanted else {})}
     for name, prompts in sets.items():
