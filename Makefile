@@ -77,10 +77,12 @@ train-demo: sample-data
 	$(BIN)/medsam3-train --config Training/configs/demo_tracker.yaml --output runs/demo_tracker
 	$(BIN)/python Training/examples/evaluate_demo.py --model runs/demo_tracker/model --output runs/demo_tracker/evaluation
 
-# Engine vs the per-prompt, per-slice baseline (CPU bench config, about 2 minutes on 2 cores);
+# Engine vs the per-prompt, per-slice baseline (CPU bench config, about 2 minutes on 2 cores), and the
+# latency of a click in an interactive session (demo model, seconds);
 # results are recorded in Testing/benchmarks/RESULTS.md
 bench: install
 	$(BIN)/python Testing/benchmarks/bench_engine.py
+	$(BIN)/python Testing/benchmarks/bench_interaction.py
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) $(DEMO_OUT) .pytest_cache

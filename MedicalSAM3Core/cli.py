@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA), float32, bfloat16, float16")
     srv.add_argument("--queue-size", type=int, default=8, help="jobs that may wait (more get HTTP 429; default 8)")
     srv.add_argument("--result-ttl", type=float, default=3600.0, help="seconds a finished result is kept (default 3600)")
+    srv.add_argument("--max-sessions", type=int, default=4,
+                     help="interactive sessions (a volume held for clicks and corrections) open at once; more get "
+                          "HTTP 503 (default 4; 0: none)")
+    srv.add_argument("--session-ttl", type=float, default=900.0,
+                     help="seconds a session may stay idle before it is closed (default 900)")
+    srv.add_argument("--session-cache-mb", type=float, default=1024.0,
+                     help="slice features one session keeps, on the model's device, in MB (default 1024)")
     srv.add_argument("--max-body-mb", type=float, default=1024.0, help="largest accepted upload in MB (default 1024)")
     srv.add_argument("--max-voxels", type=int, default=1024 ** 3, help="largest accepted volume in voxels")
     srv.add_argument("--max-dim", type=int, default=4096, help="largest accepted size along one axis")
@@ -431,7 +438,8 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger("medsam3.server").setLevel(logging.INFO)
     config = ServerConfig(token=read_token(args.token_file), max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                           limits=Limits(max_voxels=args.max_voxels, max_dim=args.max_dim),
-                          queue_size=args.queue_size, result_ttl=args.result_ttl)
+                          queue_size=args.queue_size, result_ttl=args.result_ttl, max_sessions=args.max_sessions,
+                          session_ttl=args.session_ttl, session_cache_mb=args.session_cache_mb)
     settings = ServeSettings(model=args.model or "", host=args.host, port=args.port, device=args.device,
                              devices=args.devices, dtype=args.dtype, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
                              config=config, connections=ConnectionLimits(header_timeout=args.header_timeout,

@@ -63,6 +63,17 @@ Medical SAM3 (Jiang et al.) fine-tunes Meta's SAM3 on medical images; the model 
 transformers. The demo model was trained on sample CT scans from TotalSegmentator (Wasserthal et al.,
 Apache 2.0).
 """)
+        slicer.app.connect("startupCompleted()", self.registerEditorEffect)
+
+    def registerEditorEffect(self) -> None:
+        """Add the "Medical SAM3" effect (clicks, boxes, Propagate) to the Segment Editor, as Slicer's
+        scripted Segment Editor effects register themselves (see SegmentEditorMedicalSAM3Lib)."""
+        import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+        effect = effects.qSlicerSegmentEditorScriptedEffect(None)
+        effect.setPythonSource(os.path.join(_HERE, "SegmentEditorMedicalSAM3Lib", "SegmentEditorEffect.py")
+                               .replace("\\", "/"))
+        effect.self().register()
 
 
 @parameterNodeWrapper
@@ -419,6 +430,7 @@ class MedicalSAM3Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         editor.setSegmentationNode(segmentationNode)
         if volumeNode:
             editor.setSourceVolumeNode(volumeNode)
+        editor.setActiveEffectByName("Medical SAM3")  # correct with clicks and boxes
 
 
 class _shownErrors:
@@ -478,6 +490,17 @@ class MedicalSAM3Logic(ScriptedLoadableModuleLogic):
         options = SegmentOptions(**values)
         options.validate()
         return options
+
+    @staticmethod
+    def savedBackendSettings() -> dict:
+        """The Compute section's settings as last saved (:meth:`MedicalSAM3Widget.backendSettings`' keys),
+        for the Segment Editor effect, which has no panel of its own."""
+        settings = qt.QSettings()
+        return {"backend": "remote" if settings.value(f"{SETTINGS}/Backend", "local") == "remote" else "local",
+                "url": settings.value(f"{SETTINGS}/ServerURL", ""), "token": settings.value(f"{SETTINGS}/Token", ""),
+                "consent": str(settings.value(f"{SETTINGS}/Consent", "false")).lower() == "true",
+                "model": settings.value(f"{SETTINGS}/Model", ""), "device": settings.value(f"{SETTINGS}/Device", "auto"),
+                "python": settings.value(f"{SETTINGS}/EnginePython", "")}
 
     def backend(self, settings: dict):
         """The backend for ``settings`` (see :meth:`MedicalSAM3Widget.backendSettings`); the local engine

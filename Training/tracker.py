@@ -173,28 +173,18 @@ class ClipSource:
 
 # -- simulated prompts ---------------------------------------------------------------------------
 def click_on_error(predicted: np.ndarray, truth: np.ndarray) -> Optional[tuple[float, float, int]]:
-    """The simulated annotator's next click: the centre (farthest from its border) of the largest error
-    region, positive when the region is missed object, negative when it is false object.
+    """The simulated annotator's next click (``MedicalSAM3Core.evaluation.annotator.next_click``: the centre
+    of the largest error region, positive when it is missed object, negative when it is false object).
 
     ``predicted``, ``truth``: ``(S, S)`` bool on the canvas. Returns canvas ``(x, y, label)`` or None
     when there is no error."""
-    from scipy.ndimage import distance_transform_edt, label as connected
+    from MedicalSAM3Core.evaluation.annotator import next_click
 
-    best = None
-    for positive, error in ((1, truth & ~predicted), (0, predicted & ~truth)):
-        if not error.any():
-            continue
-        regions, n = connected(error)
-        sizes = np.bincount(regions.ravel(), minlength=n + 1)[1:]
-        k = int(np.argmax(sizes)) + 1
-        if best is None or sizes[k - 1] > best[0]:
-            best = (int(sizes[k - 1]), regions == k, positive)
-    if best is None:
+    click = next_click(predicted, truth)
+    if click is None:
         return None
-    region = np.pad(best[1], 1)
-    distance = distance_transform_edt(region)[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
-    return float(x), float(y), best[2]
+    (y, x), label = click
+    return float(x), float(y), label
 
 
 def initial_prompt(kind: str, mask: np.ndarray, rng: np.random.Generator, box_noise: float = 0.1,

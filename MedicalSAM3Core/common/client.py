@@ -4,7 +4,9 @@
 >>> result = client.segment(volume, ["liver", "spleen"], SegmentOptions(mode="slices"),
 ...                         progress=print, cancel=token)
 
-``segment`` returns the same :class:`SegmentationResult` the local engine returns. It uploads the
+``segment`` returns the same :class:`SegmentationResult` the local engine returns. For clicks and
+corrections, ``client.open_session(volume, options)`` uploads the volume once and returns a
+:class:`~.remote_session.RemoteSession` with the methods of the engine's ``VolumeSession``. It uploads the
 volume once (gzip-compressed, :mod:`.wire`), polls the job's progress, and downloads the result.
 Errors are :class:`ServerError` subclasses whose messages say what to do. Only idempotent requests
 (GET, DELETE) are retried on connection errors; a submission is retried only when the server
@@ -25,7 +27,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from .. import __version__
-from .errors import Cancelled, MedSAM3Error
+from .errors import Cancelled, InputError, MedSAM3Error
 from .options import SegmentOptions
 from .progress import CancelToken, ProgressEvent
 from .prompts import default_dictionary
@@ -63,6 +65,19 @@ class ServerBusy(ServerError):
 
 class JobFailed(ServerError):
     """The job ran and failed on the server; the message is the server's explanation."""
+
+
+class SessionNotFound(ServerError):
+    """The server has no such interactive session (closed, or expired after its idle time-to-live)."""
+
+
+class SessionBusy(ServerError):
+    """The session runs a long task (text prompts, propagation); cancel it or wait for it (HTTP 409)."""
+
+
+class InvalidInteraction(RequestRejected, InputError):
+    """The server refused a session request as unusable (unknown object, points on two slices, a seed
+    mask of the wrong shape...). An :class:`InputError`, as the same mistake on a local session is."""
 
 
 class Client:
@@ -189,6 +204,31 @@ class Client:
         response = self._request("DELETE", f"/v1/jobs/{job_id}")
         if response.status_code not in (204, 404):
             self._check(response)
+
+    def open_session(self, volume: Volume, options: Optional[SegmentOptions] = None,
+                     cancel: Optional[CancelToken] = None):
+        """Upload ``volume`` once and open an interactive session on it: a
+        :class:`~.remote_session.RemoteSession`, used as the engine's ``VolumeSession`` is (text,
+        clicks, seeds, propagation, undo) and closed with :meth:`~.remote_session.RemoteSession.close`
+        (or a ``with`` block). Raises :class:`ServerBusy` when the server holds its maximum of sessions."""
+        from .remote_session import RemoteSession
+
+        if not self._checked:
+            self.info()
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        body = encode_request(volume, [], options)
+        response = self._request("POST", "/v1/sessions", data=body, headers={"Content-Type": MEDIA_TYPE})
+        if response.status_code == 503:
+            raise ServerBusy(f"the server cannot open a session now: {self._detail(response)}")
+        if response.status_code in (404, 405):
+            raise VersionMismatch(f"the server at {self.url} does not offer interactive sessions (/v1/sessions): "
+                                  "update the server to this client's version")
+        info = self._check(response).json()
+        if tuple(info["shape"]) != volume.shape:
+            raise ServerError(f"the server opened a session of shape {info['shape']} for a volume of shape "
+                              f"{volume.shape}; refusing it")
+        return RemoteSession(self, info, volume)
 
     def result(self, job_id: str, max_bytes: int = 1 << 36) -> SegmentationResult:
         """The job's result; a reply that would decode to more than ``max_bytes`` is refused."""

@@ -20,6 +20,15 @@ and ``"accept_compression"`` (what the result may be compressed with).
 A result carries ``"label_map"`` and one bit-packed ``"mask_<i>"`` per prompt, with the JSON
 sidecar (the same content ``medsam3 segment`` writes next to its label map) under ``"sidecar"``.
 
+Interactive sessions (``/v1/sessions``) add two messages, both with one bit-packed array ``"mask"``
+(``uint8``, ``(z, y, ceil(x / 8))``, bits along x, as ``numpy.packbits(mask, axis=-1)``):
+
+* ``"medsam3-patch"`` (server -> client): the change of one object's mask,
+  :meth:`~MedicalSAM3Core.common.interaction.MaskPatch.to_dict` under ``"patch"``; the array holds the
+  patch's box only (an empty patch, no slice changed, carries no array);
+* ``"medsam3-mask"`` (client -> server): a seed mask of the session's whole ``"shape"`` with its
+  ``"key_slices"`` (``"largest"``, ``"all"`` or a list of slice indices).
+
 Compression: zstd level 1 (multi-threaded) when the ``zstandard`` package is installed on both
 sides, else gzip level 1 (Python's zlib: always there, also in 3D Slicer). Byte shuffling makes
 a CT ~38% of its raw size; see ``Testing/benchmarks/bench_transfer.py`` for the timings.
@@ -42,6 +51,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .errors import InputError
+from .interaction import MaskPatch
 from .options import SegmentOptions
 from .result import LabelInfo, SegmentationResult
 from .volume import Geometry, Volume
@@ -155,9 +165,8 @@ def encode_result(result: SegmentationResult, compression: Optional[str] = None)
 
 
 # -- decoding ------------------------------------------------------------------------------------
-def _unpack(body: bytes | bytearray, expected_format: str, max_raw_bytes: int,
-            check_arrays: Optional[Callable[[list[dict]], None]] = None) -> tuple[dict, list[tuple[dict, np.ndarray]]]:
-    view = memoryview(body)
+def _read_header(view: memoryview, expected_format: str) -> tuple[dict, int]:
+    """The message's JSON header (format checked) and its length."""
     if len(view) < 12 or bytes(view[:8]) != MAGIC:
         raise InputError("not a MedicalSAM3 message (bad magic bytes); send what wire.encode_request writes")
     (head_len,) = struct.unpack("<I", view[8:12])
@@ -171,6 +180,14 @@ def _unpack(body: bytes | bytearray, expected_format: str, max_raw_bytes: int,
         raise InputError("header must be a JSON object")
     if header.get("format") != expected_format:
         raise InputError(f"expected a {expected_format!r} message, got format {header.get('format')!r}")
+    return header, head_len
+
+
+def _unpack(body: bytes | bytearray, expected_format: str, max_raw_bytes: int,
+            check_arrays: Optional[Callable[[list[dict]], None]] = None,
+            allow_no_arrays: bool = False) -> tuple[dict, list[tuple[dict, np.ndarray]]]:
+    view = memoryview(body)
+    header, head_len = _read_header(view, expected_format)
     if header.get("wire_version") != WIRE_VERSION:
         raise InputError(f"wire version {header.get('wire_version')!r} is not supported (this side speaks "
                          f"{WIRE_VERSION}); update the client or the server so both match")
@@ -182,7 +199,7 @@ def _unpack(body: bytes | bytearray, expected_format: str, max_raw_bytes: int,
     if not isinstance(shuffled, bool):
         raise InputError("byte_shuffle must be true or false")
     specs = header.get("arrays")
-    if not isinstance(specs, list) or not specs:
+    if not isinstance(specs, list) or not (specs or allow_no_arrays):
         raise InputError("header 'arrays' must be a non-empty list")
     sizes = []
     for spec in specs:
@@ -288,19 +305,25 @@ def _volume_spec_checker(limits: Limits) -> Callable[[list[dict]], None]:
     return check
 
 
-def decode_request(body: bytes | bytearray, limits: Limits = Limits()) -> JobRequest:
+def check_prompts(prompts, limits: Limits = Limits(), allow_none: bool = False) -> None:
+    """Refuse prompts that are not a list of non-blank strings within ``limits`` (InputError naming why)."""
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise InputError("prompts must be a list of strings")
+    if (not prompts and not allow_none) or any(not p.strip() for p in prompts):
+        raise InputError("empty prompt: give at least one structure name such as 'liver'")
+    if len(prompts) > limits.max_prompts or any(len(p) > limits.max_prompt_chars for p in prompts):
+        raise InputError(f"at most {limits.max_prompts} prompts of at most {limits.max_prompt_chars} characters")
+
+
+def decode_request(body: bytes | bytearray, limits: Limits = Limits(), allow_no_prompts: bool = False) -> JobRequest:
     """Parse and validate a request body; raises :class:`InputError` naming the first problem.
-    The array's type, dimensions and size are checked from the header before decompression."""
+    The array's type, dimensions and size are checked from the header before decompression.
+    ``allow_no_prompts``: an empty prompt list is accepted (a session opened without text prompts)."""
     max_bytes = limits.max_voxels * 8
     header, arrays = _unpack(body, "medsam3-request", max_bytes, _volume_spec_checker(limits))
     _, array = arrays[0]
     prompts = header.get("prompts")
-    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-        raise InputError("prompts must be a list of strings")
-    if not prompts or any(not p.strip() for p in prompts):
-        raise InputError("empty prompt: give at least one structure name such as 'liver'")
-    if len(prompts) > limits.max_prompts or any(len(p) > limits.max_prompt_chars for p in prompts):
-        raise InputError(f"at most {limits.max_prompts} prompts of at most {limits.max_prompt_chars} characters")
+    check_prompts(prompts, limits, allow_none=allow_no_prompts)
     modality = header.get("modality")
     if modality is not None and (not isinstance(modality, str) or len(modality) > 16):
         raise InputError("modality must be a short string such as 'CT' or null")
@@ -329,3 +352,91 @@ def decode_result(body: bytes, max_bytes: int = 1 << 36) -> SegmentationResult:
             warnings=list(sidecar["warnings"]), parameters=dict(sidecar["parameters"]))
     except (KeyError, TypeError, ValueError, OverflowError) as error:
         raise InputError(f"result sidecar is malformed: {error!r}") from None
+
+
+# -- interactive sessions: mask patches and seed masks -------------------------------------------
+def _packed_shape(shape: Sequence[int]) -> list[int]:
+    return [int(shape[0]), int(shape[1]), (int(shape[2]) + 7) // 8]
+
+
+def _shape3(value, what: str, minimum: int = 1) -> tuple[int, int, int]:
+    if not isinstance(value, list) or len(value) != 3 or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= minimum for n in value):
+        raise InputError(f"{what} must be three integers (z, y, x) of at least {minimum}, got {value!r}")
+    return tuple(value)
+
+
+def encode_patch(patch: MaskPatch, compression: Optional[str] = None) -> bytes:
+    """Serialise one :class:`MaskPatch`: its header and its box's mask, bit-packed."""
+    header = {"format": "medsam3-patch", "patch": patch.to_dict()}
+    if patch.empty:
+        return _pack(header, [], "none")
+    return _pack(header, [("mask", np.packbits(np.asarray(patch.mask, dtype=bool), axis=-1))], compression)
+
+
+def decode_patch(body: bytes | bytearray, volume_shape: Optional[Sequence[int]] = None) -> MaskPatch:
+    """Parse a patch message; with ``volume_shape`` the patch must lie inside that grid (and the message
+    may not decode to more than that grid's bit-packed size)."""
+    max_bytes = 1 << 36 if volume_shape is None else \
+        int(np.prod(_packed_shape(volume_shape), dtype=np.int64)) + (1 << 16)
+    header, arrays = _unpack(body, "medsam3-patch", max_bytes, allow_no_arrays=True)
+    data = header.get("patch")
+    if not isinstance(data, dict):
+        raise InputError("a patch message needs a 'patch' object")
+    object_id, slices, stage = data.get("object_id"), data.get("slices"), data.get("stage", "")
+    if not isinstance(object_id, int) or isinstance(object_id, bool):
+        raise InputError(f"patch object_id must be an integer, got {object_id!r}")
+    if not isinstance(slices, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in slices):
+        raise InputError(f"patch slices must be a list of integers, got {slices!r}")
+    if not isinstance(stage, str):
+        raise InputError("patch stage must be a string")
+    start = _shape3(data.get("start"), "patch start", minimum=0)
+    if not slices:
+        if arrays:
+            raise InputError("an empty patch (no slice changed) carries no mask")
+        return MaskPatch(object_id, (0, 0, 0), np.zeros((0, 0, 0), dtype=bool), [], stage)
+    shape = _shape3(data.get("shape"), "patch shape")
+    if len(arrays) != 1 or arrays[0][0]["name"] != "mask" or arrays[0][0]["dtype"] != "|u1" \
+            or arrays[0][0]["shape"] != _packed_shape(shape):
+        raise InputError(f"a patch of shape {list(shape)} carries one array 'mask' of type |u1 and shape "
+                         f"{_packed_shape(shape)} (bits along x)")
+    if volume_shape is not None and any(a + n > v for a, n, v in zip(start, shape, volume_shape)):
+        raise InputError(f"patch {list(start)} + {list(shape)} lies outside the volume {list(volume_shape)}")
+    mask = np.unpackbits(arrays[0][1], axis=-1, count=shape[2]).astype(bool)
+    return MaskPatch(object_id, start, mask, sorted(slices), stage)
+
+
+def encode_mask(mask: np.ndarray, key_slices="largest", compression: Optional[str] = None) -> bytes:
+    """Serialise a seed mask (bool ``(z, y, x)``, the session's whole grid) and its key slices."""
+    mask = np.asarray(mask)
+    if mask.ndim != 3:
+        raise InputError(f"a seed mask must be 3D (z, y, x), got shape {mask.shape}")
+    if not isinstance(key_slices, str):
+        key_slices = [int(s) for s in key_slices]
+    header = {"format": "medsam3-mask", "shape": [int(n) for n in mask.shape], "key_slices": key_slices}
+    return _pack(header, [("mask", np.packbits(mask.astype(bool, copy=False), axis=-1))], compression)
+
+
+def decode_mask(body: bytes | bytearray, volume_shape: Sequence[int]) -> tuple[np.ndarray, object]:
+    """Parse a seed mask message for a session of ``volume_shape``: ``(mask bool (z, y, x), key_slices)``.
+    The shape is checked from the header before anything is decompressed."""
+    expected = [int(n) for n in volume_shape]
+
+    def check(specs: list[dict]) -> None:
+        if len(specs) != 1 or specs[0]["name"] != "mask" or specs[0]["dtype"] != "|u1":
+            raise InputError("a mask message carries exactly one array 'mask' of type |u1 (bit-packed)")
+        if specs[0]["shape"] != _packed_shape(expected):
+            raise InputError(f"a seed mask must have the session's shape {expected} (bit-packed "
+                             f"{_packed_shape(expected)}), got packed shape {specs[0]['shape']}")
+
+    head, _ = _read_header(memoryview(body), "medsam3-mask")
+    shape = head.get("shape")
+    if shape != expected:
+        raise InputError(f"a seed mask must have the session's shape {expected}, got {shape!r}")
+    header, arrays = _unpack(body, "medsam3-mask", int(np.prod(_packed_shape(expected), dtype=np.int64)), check)
+    key_slices = header.get("key_slices", "largest")
+    if not (key_slices in ("largest", "all") or (isinstance(key_slices, list) and all(
+            isinstance(s, int) and not isinstance(s, bool) for s in key_slices))):
+        raise InputError(f"key_slices must be 'largest', 'all' or a list of slice indices, got {key_slices!r}")
+    return np.unpackbits(arrays[0][1], axis=-1, count=expected[2]).astype(bool), key_slices
+

@@ -49,7 +49,6 @@ from ..common.progress import CancelToken, ProgressCallback, ProgressTracker
 from ..common.prompts import PromptDictionary, ResolvedPrompt, default_dictionary
 from ..common.result import LabelInfo, SegmentationResult, pack_mask
 from ..common.volume import Volume
-from ..preprocessing.body import BodyMaskedSlices, uses_body_mask
 from ..preprocessing.intensity import IntensitySpec, detect_modality, spec_for, to_model_input
 from ..preprocessing.layout import SliceLayout, pixel_spacing
 from ..preprocessing.orientation import SliceOrientation
@@ -144,11 +143,23 @@ class Segmenter:
                 progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None) -> SegmentationResult:
         """Segment every prompt through ``volume``; returns a result on exactly the input grid.
 
-        Raises :class:`InputError` for unusable prompts/options and :class:`Cancelled` when
+        A one-question :class:`~.session.VolumeSession` (``session(volume).text(prompts)``, keeping no
+        objects). Raises :class:`InputError` for unusable prompts/options and :class:`Cancelled` when
         ``cancel`` fires (checked before every batch of slices; nothing is returned then).
         """
-        options = options or SegmentOptions()
-        options.validate()
+        return self.session(volume, options, cache_mb=0).text(prompts, progress, cancel, keep_objects=False)
+
+    def session(self, volume: Volume, options: Optional[SegmentOptions] = None, cache_mb: float = 1024.0):
+        """A :class:`~.session.VolumeSession` on ``volume``: text prompts, then clicks, boxes, seeds and
+        re-propagation, with slice features cached (at most ``cache_mb``)."""
+        from .session import VolumeSession
+
+        return VolumeSession(self, volume, options, cache_mb=cache_mb)
+
+    def _segment_view(self, session, prompts: Sequence[str], progress: Optional[ProgressCallback],
+                      cancel: Optional[CancelToken]) -> tuple[SegmentationResult, list[_Group]]:
+        """The text modes on a session's prepared slices (its orientation, body mask, modality)."""
+        volume, options = session.volume, session.options
         resolved = self.dictionary.resolve_all(list(prompts), self.model.preprocessing.get("trained_concepts"))
         thresholds = self.mask_thresholds(resolved, options)
         # recorded in the sidecar: the mode and mask threshold the caller, else the model, chose
@@ -166,19 +177,12 @@ class Segmenter:
             warnings.append("the model has no tracker (image-only SAM3 checkpoint): used 'slices' mode")
             log.warning(warnings[-1])
 
-        axis = SLICE_AXES[options.slice_axis]
-        orientation = SliceOrientation.for_volume(volume.geometry.direction, axis,
-                                                  self.model.preprocessing.get("orientation") or "stored")
-        view = orientation.apply(np.moveaxis(volume.array, axis, 0))  # (s, rows, cols) as the model sees them
-        modality = self._modality(volume, options)
+        axis, orientation, view, modality = session.axis, session.orientation, session.view, session.modality
         knowledge = self.knowledge_warnings(resolved, modality)
         for message in knowledge:
             log.warning(message)
         warnings += knowledge
         groups = self._intensity_groups(volume, resolved, options, orientation, modality)
-        if uses_body_mask(self.model.preprocessing, modality):
-            # the model's policy: arms and table become air, batch by batch as the loops read them
-            view = BodyMaskedSlices(view, orientation.spacing(*pixel_spacing(volume.geometry.spacing, axis)))
         texts = [replace(text, mask_threshold=threshold)
                  for text, threshold in zip(self.embed_text([p.model_text for p in resolved]), thresholds)]
 
@@ -206,7 +210,9 @@ class Segmenter:
             for track, anchor in tracks:
                 self._run_propagate(view, track, anchor, texts, options, accumulator, tracker)
 
-        return self._finish(volume, resolved, accumulator, axis, orientation, mode, options, groups, warnings, thresholds)
+        result = self._finish(volume, resolved, accumulator, axis, orientation, mode, options, groups, warnings,
+                              thresholds)
+        return result, groups
 
     def default_mode(self, options: SegmentOptions) -> str:
         """The caller's mode, else the model's own (``default_mode`` of its medsam3_preprocessing.json: the

@@ -58,8 +58,12 @@ class ObjectTrack:
     frames only, binarised prompted masks in memory); dropout modules may be in training mode.
     """
 
-    def __init__(self, video, features: Sequence[tuple[list, list]], device: torch.device | str = "cpu",
+    def __init__(self, video, features, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
+        """``features``: a sequence of per-frame ``(vision_feats, vision_pos_embeds)``, or a feature source
+        computed on demand (an object with ``__len__`` = the number of frames and ``get_vision_features(frame)``
+        returning ``{"vision_feats": [...], "vision_pos_embeds": [...]}``, as transformers' session cache does;
+        the engine's volume session passes its bounded cache of slice features)."""
         from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import (
             Sam3TrackerVideoInferenceSession)
 
@@ -69,13 +73,18 @@ class ObjectTrack:
                              "(dropout modules may be set to train() afterwards)")
         size = int(self.tracker.image_size)
         self.num_frames = len(features)
+        lazy = hasattr(features, "get_vision_features")
         self.session = Sam3TrackerVideoInferenceSession(
             video=None, video_height=size, video_width=size, inference_device=device,
             inference_state_device=device, video_storage_device=device, dtype=dtype,
-            max_vision_features_cache_size=max(1, self.num_frames))
+            max_vision_features_cache_size=1 if lazy else max(1, self.num_frames))
         self.session.processed_frames = dict.fromkeys(range(self.num_frames))  # frames come as features
-        for frame, (feats, pos) in enumerate(features):
-            self.session.cache.cache_vision_features(frame, {"vision_feats": list(feats), "vision_pos_embeds": list(pos)})
+        if lazy:
+            self.session.cache = features
+        else:
+            for frame, (feats, pos) in enumerate(features):
+                self.session.cache.cache_vision_features(frame, {"vision_feats": list(feats),
+                                                                 "vision_pos_embeds": list(pos)})
         self.obj_idx = self.session.obj_id_to_idx(1)
 
     def branch(self) -> "ObjectTrack":
@@ -99,13 +108,19 @@ class ObjectTrack:
 
     def step(self, frame: int, reverse: bool = False, points: Optional[torch.Tensor] = None,
              labels: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
-             conditioning: Optional[bool] = None) -> TrackStep:
+             conditioning: Optional[bool] = None, previous_logits: Optional[torch.Tensor] = None,
+             memory: bool = True, decoder_outputs: bool = True) -> TrackStep:
         """Track (no prompt) or prompt ``frame``, then write its memory; as ``Sam3TrackerVideoModel.forward``.
 
         ``points``: ``(N, 2)`` canvas ``(x, y)`` with ``labels`` ``(N,)`` (1 positive, 0 negative, 2 and 3
         a box's top-left and bottom-right corners, first); ``mask``: ``(size, size)`` bool, a mask prompt.
         ``conditioning``: keep the frame as a conditioning frame; None: transformers' rule (only a
-        frame prompted before it was tracked).
+        frame prompted before it was tracked). ``previous_logits``: ``(h, w)`` low-resolution mask logits
+        of the frame's current mask, given to the mask decoder with the points (SAM2's
+        ``prev_sam_mask_logits``: a click corrects the mask that is there instead of starting anew).
+        ``memory=False`` skips writing the frame into the memory bank (a one-slice correction that is
+        not tracked from). ``decoder_outputs=False``: ``multimask`` and ``iou`` are not captured (no hook
+        on the shared mask decoder: sessions that share one model step in parallel threads).
         """
         session, tracker, obj_idx = self.session, self.tracker, self.obj_idx
         point_inputs = mask_inputs = None
@@ -116,6 +131,12 @@ class ObjectTrack:
         if mask is not None:
             mask_inputs = mask.reshape(1, 1, *mask.shape[-2:]).to(session.inference_device, session.dtype)
         prompted = point_inputs is not None or mask_inputs is not None
+        previous = None
+        if previous_logits is not None:
+            if mask_inputs is not None:
+                raise ValueError("previous_logits go with points, not with a mask prompt")
+            previous = previous_logits.reshape(1, 1, *previous_logits.shape[-2:]).to(session.inference_device,
+                                                                                     torch.float32)
         is_init_cond_frame = prompted and frame not in session.frames_tracked_per_obj[obj_idx]
         if is_init_cond_frame:
             reverse = False
@@ -127,18 +148,19 @@ class ObjectTrack:
         def on_decoder(_module, _inputs, output):
             captured["multimask"], captured["iou"] = output[0], output[1]
 
-        handle = tracker.mask_decoder.register_forward_hook(on_decoder)
+        handle = tracker.mask_decoder.register_forward_hook(on_decoder) if decoder_outputs else None
         try:
             current = tracker._run_single_frame_inference(
                 inference_session=session, obj_idx=obj_idx, frame_idx=frame, batch_size=1,
                 is_init_cond_frame=is_init_cond_frame, point_inputs=point_inputs, mask_inputs=mask_inputs,
-                reverse=reverse, streaming=False)
+                reverse=reverse, prev_sam_mask_logits=previous, streaming=False)
         finally:
-            handle.remove()
+            if handle is not None:
+                handle.remove()
         session.store_output(obj_idx, frame, output_value=current, is_conditioning_frame=keep_as_cond)
         if not is_init_cond_frame:
             session.frames_tracked_per_obj[obj_idx][frame] = {"reverse": reverse}
-        if tracker.num_maskmem > 0:
+        if memory and tracker.num_maskmem > 0:
             tracker._batch_encode_memories(
                 inference_session=session, frame_idx=frame, objects_needing_memory_encoding=[obj_idx],
                 high_res_masks_for_memory=[current["high_res_masks"]],

@@ -10,6 +10,8 @@ Endpoints (all under ``/v1``; OpenAPI schema at ``/openapi.json``, docs at ``/do
 ``POST   /v1/jobs/{id}/cancel``       cancel (takes effect within one batch of slices)
 ``GET    /v1/jobs/{id}/result``       the result (wire format; 409 until the job is done)
 ``DELETE /v1/jobs/{id}``              forget the job and free its result
+``/v1/sessions/...``                  interactive sessions: upload once, then clicks, seeds,
+                                      undo and propagation (see :mod:`.sessions`)
 ====================================  =========================================================
 
 Errors are JSON ``{"detail": "..."}`` with 401 (token), 404 (unknown job), 409 (not ready),
@@ -36,6 +38,8 @@ from .. import __version__
 from ..common.errors import InputError
 from ..common.wire import MEDIA_TYPE, WIRE_VERSION, Limits, decode_request
 from .jobs import JobManager, QueueFull, RunJob
+from .session_routes import add_session_routes
+from .sessions import OpenSession, SessionManager
 
 #: Request bodies decoded at the same time (each may expand to a whole volume in memory).
 MAX_CONCURRENT_DECODES = 2
@@ -54,25 +58,34 @@ class ServerConfig:
     queue_size: int = 8
     result_ttl: float = 3600.0
     retry_after: int = 5
+    max_sessions: int = 4  # interactive sessions open at once (0: none)
+    session_ttl: float = 900.0  # seconds a session may stay idle before it is closed
+    session_cache_mb: float = 1024.0  # slice features one session keeps (on the model's device)
 
 
 def create_app(run: Union[RunJob, Sequence[RunJob]], config: ServerConfig, info: Optional[dict] = None,
-               names: Optional[Sequence[str]] = None) -> FastAPI:
+               names: Optional[Sequence[str]] = None, sessions: Sequence[OpenSession] = ()) -> FastAPI:
     """The FastAPI application. ``run`` segments one :class:`JobRequest` (the model lives in it); a
     list of them is one worker each (one per device, ``names`` naming them), behind one queue.
-    ``info`` adds model id / device / GPU memory to ``/v1/info`` (a callable or a dict)."""
+    ``info`` adds model id / device / GPU memory to ``/v1/info`` (a callable or a dict).
+    ``sessions``: one session opener per model (``serve.session_opener``); none: no ``/v1/sessions``."""
     manager = JobManager(run, queue_size=config.queue_size, result_ttl=config.result_ttl, names=names)
+    session_manager = SessionManager(sessions, max_sessions=config.max_sessions, ttl=config.session_ttl,
+                                     cache_mb=config.session_cache_mb)
     decoding = asyncio.Semaphore(MAX_CONCURRENT_DECODES)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         manager.start()
+        session_manager.start()
         yield
+        session_manager.stop()
         manager.stop()
 
     app = FastAPI(title="Medical SAM3 inference server", version=__version__, lifespan=lifespan,
                   description=__doc__.split("\n\n")[0])
     app.state.jobs = manager
+    app.state.sessions = session_manager
 
     def authorize(request: Request) -> None:
         if config.token is None:
@@ -99,25 +112,33 @@ def create_app(run: Union[RunJob, Sequence[RunJob]], config: ServerConfig, info:
     def server_info() -> dict:
         extra = info() if callable(info) else dict(info or {})
         return {"version": __version__, "api_version": API_VERSION, "wire_version": WIRE_VERSION, **extra,
-                "queue": manager.counts(), "workers": manager.workers(), "limits": {"max_body_bytes": config.max_body_bytes,
-                                                      **asdict(config.limits)}}
+                "queue": manager.counts(), "workers": manager.workers(),
+                "sessions": {**session_manager.counts(), "enabled": session_manager.enabled},
+                "limits": {"max_body_bytes": config.max_body_bytes, **asdict(config.limits)}}
+
+    async def read_body(request: Request, limit: int) -> Optional[bytearray]:
+        """The request body, refused with 413 past ``limit`` bytes (declared or streamed); None when the
+        client went away mid-upload (nothing to answer, nothing to log loudly)."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise HTTPException(413, f"request body of {declared} bytes exceeds this server's limit of {limit} bytes")
+        body = bytearray()
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise HTTPException(413, f"request body exceeds this server's limit of {limit} bytes")
+        except ClientDisconnect:
+            log.info("a client disconnected during its upload (%d bytes received)", len(body))
+            return None
+        return body
 
     @app.post("/v1/jobs", dependencies=auth, status_code=202, openapi_extra={
         "requestBody": {"required": True, "content": {MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
                         "description": "a wire-format request (see MedicalSAM3Core.common.wire)"}})
     async def submit(request: Request) -> JSONResponse:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > config.max_body_bytes:
-            raise HTTPException(413, f"request body of {declared} bytes exceeds this server's limit of "
-                                     f"{config.max_body_bytes} bytes")
-        body = bytearray()
-        try:
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > config.max_body_bytes:
-                    raise HTTPException(413, f"request body exceeds this server's limit of {config.max_body_bytes} bytes")
-        except ClientDisconnect:  # the client went away mid-upload: nothing to answer, nothing to log loudly
-            log.info("a client disconnected during its upload (%d bytes received)", len(body))
+        body = await read_body(request, config.max_body_bytes)
+        if body is None:
             return Response(status_code=400)
         if not manager.has_room():  # refused before decoding: a queued job holds its decoded volume
             raise HTTPException(429, f"the queue is full ({manager.queue_size} jobs waiting); retry later",
@@ -162,4 +183,5 @@ def create_app(run: Union[RunJob, Sequence[RunJob]], config: ServerConfig, info:
             raise HTTPException(404, f"no job {job_id!r}")
         return Response(status_code=204)
 
+    add_session_routes(app, session_manager, config, auth, read_body, decoding)
     return app

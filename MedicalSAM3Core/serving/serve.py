@@ -142,6 +142,13 @@ def check_settings(settings: ServeSettings) -> None:
             raise InputError(f"{option} must be a positive number of seconds, got {seconds}")
     if limits.max_connections < 1:
         raise InputError(f"--max-connections must be at least 1, got {limits.max_connections}")
+    config = settings.config
+    if config.max_sessions < 0:
+        raise InputError(f"--max-sessions must be 0 (no interactive sessions) or more, got {config.max_sessions}")
+    if not 0 < config.session_ttl < math.inf:
+        raise InputError(f"--session-ttl must be a positive number of seconds, got {config.session_ttl}")
+    if not 0 <= config.session_cache_mb < math.inf:
+        raise InputError(f"--session-cache-mb must be a number of MB, 0 or more, got {config.session_cache_mb}")
 
 
 def settings_warnings(settings: ServeSettings, token_file: Optional[Path] = None) -> list[str]:
@@ -190,6 +197,19 @@ def engine_runner(model) -> Callable[[JobRequest, Callable[[ProgressEvent], None
     return run
 
 
+def session_opener(model) -> Callable[[object, object, float], object]:
+    """Opens interactive sessions on a loaded model: ``open(volume, options, cache_mb)`` -> the engine's
+    :class:`~MedicalSAM3Core.inference.session.VolumeSession` (what ``/v1/sessions`` serves)."""
+    from ..inference.engine import Segmenter
+
+    segmenter = Segmenter(model)
+
+    def open_session(volume, options, cache_mb: float):
+        return segmenter.session(volume, options, cache_mb=cache_mb)
+
+    return open_session
+
+
 def model_info(model) -> Callable[[], dict]:
     def info() -> dict:
         import torch
@@ -225,7 +245,7 @@ def build_server(settings: ServeSettings, model=None) -> uvicorn.Server:
         return data
 
     app = create_app([engine_runner(m) for m in models], settings.config, info=info,
-                     names=[str(m.device) for m in models])
+                     names=[str(m.device) for m in models], sessions=[session_opener(m) for m in models])
     return uvicorn_server(app, settings)
 
 

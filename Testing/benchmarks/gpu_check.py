@@ -57,10 +57,13 @@ from MedicalSAM3Core.inference.models import choose_autocast, use_prompt_graph  
 from MedicalSAM3Core.preprocessing.intensity import ct_window  # noqa: E402
 
 #: steps in the order they run (priority), with their numbers in the issue
-ORDER = ["slices", "baseline", "agreement", "propagate", "trials"]
-NUMBER = {"slices": 1, "baseline": 2, "propagate": 3, "agreement": 4, "trials": 5}
+ORDER = ["slices", "clicks", "baseline", "agreement", "propagate", "trials"]
+NUMBER = {"slices": 1, "baseline": 2, "propagate": 3, "agreement": 4, "trials": 5, "clicks": 6}
 TITLE = {"slices": "slices mode", "baseline": "per-prompt, per-slice baseline",
-         "propagate": "propagate mode", "agreement": "bf16 vs fp32 agreement", "trials": "trials"}
+         "propagate": "propagate mode", "agreement": "bf16 vs fp32 agreement", "trials": "trials",
+         "clicks": "interactive clicks and re-propagation (issue #27)"}
+TARGET_CLICK_S = 0.1  # issue #27: a click on a slice whose features are cached, full-size model on a GPU
+CLICK_PROPAGATE_SLICES = 32  # re-propagation measured over this many slices around the clicked one
 TRIALS = ["batch_size", "channels_last", "pinned_memory", "compile"]
 TARGET_SECONDS, TARGET_RATIO_HIGH, TARGET_RATIO_LOW = 20.0, 5.0, 1.3
 MARGIN_S = 5.0  # kept free at the end of the budget (writing the files, giving memory back)
@@ -377,6 +380,39 @@ def step_propagate(check: Check, state: dict, record: dict) -> None:
         check.save()
 
 
+# -- step 6 ------------------------------------------------------------------------------------------
+def step_clicks(check: Check, state: dict, record: dict) -> None:
+    """Issue #27: the volume session's click latency (features cached: prompt encoder + mask decoder only),
+    the first click on a slice (its vision features computed), and re-propagation from the clicked slice."""
+    s, segmenter, volume = check.settings, state["segmenter"], state["volume"]
+    session = segmenter.session(volume)
+    obj = session.add_object("click")
+    n, size = volume.shape[0], volume.shape[1]
+    z = n // 2
+    points = [(z, size * (0.3 + 0.4 * f), size * (0.35 + 0.3 * g)) for f, g in
+              ((0.5, 0.5), (0.2, 0.7), (0.8, 0.3), (0.6, 0.9), (0.1, 0.1))]
+
+    def click(i: int) -> float:
+        started = time.perf_counter()
+        session.refine(obj, points=[points[i % len(points)]], labels=[1 if i % 2 == 0 else 0])
+        _sync(check)
+        return time.perf_counter() - started
+
+    record["first_click_s"] = _round(click(0))
+    times = [click(i + 1) for i in range(max(3, s["repeats"]))]
+    record.update(clicks=len(times), click_median_s=_round(float(np.median(times))),
+                  click_p95_s=_round(float(np.percentile(times, 95))), click_max_s=_round(max(times)))
+    check.save()
+    first, last = max(0, z - CLICK_PROPAGATE_SLICES // 2), min(n - 1, z + CLICK_PROPAGATE_SLICES // 2 - 1)
+    started = time.perf_counter()
+    session.propagate(obj, first=first, last=last)
+    _sync(check)
+    seconds = time.perf_counter() - started
+    record.update(propagate_slices=last - first + 1, propagate_s=_round(seconds),
+                  propagate_s_per_slice=_round(seconds / (last - first + 1)), feature_cache_mb=_round(
+                      session.cache.bytes / 2 ** 20, 1), peak_gpu_gib=_peak_gib(check))
+
+
 # -- step 5 ------------------------------------------------------------------------------------------
 def step_trials(check: Check, state: dict, record: dict) -> None:
     s, model, segmenter = check.settings, state["model"], state["segmenter"]
@@ -551,7 +587,7 @@ def trial_compile(check, state, model, reference, measure, entry) -> None:
 
 TRIAL_FUNCTIONS = {"batch_size": trial_batch_size, "channels_last": trial_channels_last,
                    "pinned_memory": trial_pinned_memory, "compile": trial_compile}
-STEP_FUNCTIONS = {"slices": step_slices, "baseline": step_baseline, "agreement": step_agreement,
+STEP_FUNCTIONS = {"clicks": step_clicks, "slices": step_slices, "baseline": step_baseline, "agreement": step_agreement,
                   "propagate": step_propagate, "trials": step_trials}
 
 
@@ -598,6 +634,10 @@ def targets(data: dict) -> list[dict]:
         rows.append({"target": f"engine / baseline slices per second at K = {named}: >= {goal:g}x",
                      "measured": f"{value}x (K = {k})" if value is not None else None, "value": value,
                      "verdict": verdict(value, value is not None and value >= goal)})
+    click = steps.get("clicks", {}).get("click_median_s")
+    rows.append({"target": f"issue #27: a click on a cached slice, full-size model: < {TARGET_CLICK_S * 1000:.0f} ms",
+                 "measured": f"{click * 1000:.1f} ms median" if click is not None else None, "value": click,
+                 "verdict": verdict(click, click is not None and click < TARGET_CLICK_S)})
     return rows
 
 
@@ -627,7 +667,7 @@ def markdown(data: dict) -> str:
              *([f"- SETUP FAILED: `{setup['error']}`"] if setup.get("error") else []),
              f"- budget {data['budget_s']:.0f} s, elapsed {_fmt(data.get('elapsed_s'), 1)} s, "
              + ("finished" if data["finished"] else "NOT finished (still running, or stopped)"), "",
-             "## Targets (issue #8)", "", "| target | measured | verdict |", "|---|---|---|"]
+             "## Targets (issues #8 and #27)", "", "| target | measured | verdict |", "|---|---|---|"]
     for row in data["targets"]:
         lines.append(f"| {row['target']} | {row['measured'] or '-'} | {row['verdict']} |")
     for name in ORDER:
@@ -643,6 +683,17 @@ def markdown(data: dict) -> str:
             lines.append(f"- {skipped}")
     lines += ["", "## Recommendations (from the trials)", ""] + recommendations(steps["trials"], data["dry_run"])
     return "\n".join(lines) + "\n"
+
+
+def _section_clicks(record: dict) -> list[str]:
+    if record.get("click_median_s") is None:
+        return []
+    return ["| first click (slice encoded) | click, features cached: median / p95 / max | clicks | "
+            "re-propagation | feature cache |", "|---|---|---|---|---|",
+            f"| {_fmt(record.get('first_click_s'), 4)} s | {_fmt(record['click_median_s'], 4)} / "
+            f"{_fmt(record['click_p95_s'], 4)} / {_fmt(record['click_max_s'], 4)} s | {record['clicks']} | "
+            f"{_fmt(record.get('propagate_s'))} s for {record.get('propagate_slices', '-')} slices "
+            f"({_fmt(record.get('propagate_s_per_slice'), 4)} s/slice) | {_fmt(record.get('feature_cache_mb'), 1)} MB |"]
 
 
 def _section_runs(record: dict) -> list[str]:
@@ -722,7 +773,7 @@ def _section_trials(record: dict) -> list[str]:
     return lines
 
 
-SECTION = {"slices": _section_runs, "baseline": _section_baseline, "agreement": _section_agreement,
+SECTION = {"clicks": _section_clicks, "slices": _section_runs, "baseline": _section_baseline, "agreement": _section_agreement,
            "propagate": _section_runs, "trials": _section_trials}
 
 

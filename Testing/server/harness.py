@@ -15,14 +15,15 @@ TOKEN = "test-token-0123456789abcdef"
 
 
 @contextmanager
-def running_server(run, config, info=None, ssl_certfile=None, ssl_keyfile=None, connections=None):
+def running_server(run, config, info=None, ssl_certfile=None, ssl_keyfile=None, connections=None, sessions=()):
     """Serve ``create_app(run, config)`` on 127.0.0.1:<free port>, with uvicorn configured as
-    ``medsam3 serve`` configures it (``connections``: its ConnectionLimits, default the defaults);
+    ``medsam3 serve`` configures it (``connections``: its ConnectionLimits, default the defaults;
+    ``sessions``: session openers, ``serve.session_opener(model)``, for ``/v1/sessions``);
     yields (base URL, app)."""
     from MedicalSAM3Core.serving.app import create_app
     from MedicalSAM3Core.serving.serve import ConnectionLimits, ServeSettings, bound_port, uvicorn_server
 
-    app = create_app(run, config, info=info)
+    app = create_app(run, config, info=info, sessions=sessions)
     settings = ServeSettings(model="", host="127.0.0.1", port=0, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
                              connections=connections or ConnectionLimits())
     server = uvicorn_server(app, settings, log_level="warning")

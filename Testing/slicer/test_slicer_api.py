@@ -166,7 +166,9 @@ def load_api(version: str) -> Api:
 
 # ------------------------------------------------------------------------------------------ the module
 def module_sources() -> list[Path]:
-    return [MODULE_FILE] + sorted((MODULE_DIR / f"{MODULE_FILE.stem}Lib").glob("*.py"))
+    """The module file, its library and the Segment Editor effects it registers (``SegmentEditor*Lib``)."""
+    return [MODULE_FILE] + sorted((MODULE_DIR / f"{MODULE_FILE.stem}Lib").glob("*.py")) + sorted(
+        path for folder in sorted(MODULE_DIR.glob("SegmentEditor*Lib")) for path in folder.glob("*.py"))
 
 
 def ui_files() -> list[Path]:
@@ -1150,3 +1152,26 @@ def test_committed_list_is_what_the_script_writes(version, tmp_path):
             encoding="utf-8"), stale
     else:  # no Qt headers here (QT_INCLUDE_DIR): compare the rest
         assert _without_qt(json.loads(output.read_text(encoding="utf-8"))) == _without_qt(committed), stale
+
+
+def test_checker_follows_the_segment_editor_effect():
+    """The effect's calls are looked up in their classes: the adaptor Slicer gives the effect
+    (``self.scriptedEffect``), the interactor of mouse events, the editor's parameter node."""
+    effects = [path for path in module_sources() if path.parent.name.startswith("SegmentEditor")]
+    assert effects, "no Segment Editor effect found next to the module"
+    api = load_api(SUPPORTED[-1])
+    resolved = set()
+    for path in effects:
+        checker = Checker(api, path)
+        checker.run()
+        resolved |= checker.resolved
+    for use in ("qSlicerSegmentEditorScriptedEffect.saveStateForUndo",
+                "qSlicerSegmentEditorScriptedEffect.modifySegmentByLabelmap",
+                "qSlicerSegmentEditorScriptedEffect.xyToRas", "vtkRenderWindowInteractor.GetEventPosition",
+                "vtkMRMLSegmentEditorNode.GetSelectedSegmentID"):
+        assert use in resolved, (use, sorted(resolved))
+    effect = next(path for path in effects if path.name == "SegmentEditorEffect.py")
+    source = effect.read_text(encoding="utf-8").replace("self.scriptedEffect.saveStateForUndo()",
+                                                             "self.scriptedEffect.saveStateForUndoo()")
+    missing = {use.what for use in Checker(api, effect, source).run()}
+    assert "qSlicerSegmentEditorScriptedEffect.saveStateForUndoo" in missing, missing

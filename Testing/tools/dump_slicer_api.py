@@ -9,7 +9,7 @@ What is listed (header files are read with a small C++ reader, not compiled):
 
 * C++ classes (``classes``): Slicer's MRML, MRML logic and widgets, segmentation core, vtkITK,
   application logic, Base/QTCore and Base/QTGUI, the Logic/MRML/Widgets/EditorEffects of every
-  loadable module; VTK's Common and Imaging/Core kits at the commit Slicer's
+  loadable module; VTK's Common, Imaging/Core and Rendering/Core kits at the commit Slicer's
   ``SuperBuild/External_VTK.cmake`` pins; CTK's Core, Widgets and VTK widgets at the commit
   ``SuperBuild/External_CTK.cmake`` pins; Qt 5.15's QObject classes (QtCore, QtGui, QtWidgets), the Qt
   bases of the classes above and the ``Qt`` namespace's enums, from Qt's headers. For each class: its
@@ -59,7 +59,8 @@ SLICER_HEADER_DIRS = ("Libs/MRML/Core", "Libs/MRML/Logic", "Libs/MRML/Widgets", 
                       "Libs/vtkITK", "Base/Logic", "Base/QTCore", "Base/QTGUI")
 SLICER_MODULE_SUBDIRS = ("Logic", "MRML", "Widgets", "EditorEffects")  # of Modules/Loadable/<Name>/
 VTK_HEADER_DIRS = ("Common/Core", "Common/DataModel", "Common/Math", "Common/Transforms", "Common/ExecutionModel",
-                   "Common/Misc", "Imaging/Core")
+                   "Common/Misc", "Imaging/Core",
+                   "Rendering/Core")  # vtkRenderWindowInteractor: what Segment Editor effects get mouse events from
 QT_HEADER_DIRS = ("QtCore", "QtGui", "QtWidgets")  # QObject classes and the Qt bases of the listed classes
 QT_OTHER_DIRS = ("QtNetwork", "QtXml", "QtSql", "QtPrintSupport")  # with the other Qt classes: names only
 VTK_PYTHON_UTIL = ("numpy_support",)  # vtkmodules.util modules listed (vtk.util.numpy_support)

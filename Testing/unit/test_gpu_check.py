@@ -32,7 +32,7 @@ def test_every_step_records_figures(dry_run):
     out, data, _ = dry_run
     assert data["dry_run"] and data["finished"]
     steps = data["steps"]
-    assert set(steps) == {"slices", "baseline", "propagate", "agreement", "trials"}
+    assert set(steps) == {"slices", "clicks", "baseline", "propagate", "agreement", "trials"}
     for name, step in steps.items():
         assert step["status"] == "done", (name, step.get("error"), step.get("traceback"), step.get("skipped"))
         assert "error" not in step and not step.get("skipped"), (name, step)
@@ -42,6 +42,10 @@ def test_every_step_records_figures(dry_run):
         assert [r["K"] for r in runs] == [1, 2]
         assert all(_number(r["seconds"]) and r["seconds"] > 0 and _number(r["slices_per_s"]) for r in runs)
     assert all(r["tracks"] >= 1 for r in steps["propagate"]["runs"])
+    clicks = steps["clicks"]
+    assert clicks["clicks"] >= 3 and all(_number(clicks[key]) and clicks[key] > 0 for key in (
+        "first_click_s", "click_median_s", "click_p95_s", "propagate_s", "propagate_s_per_slice"))
+    assert clicks["propagate_slices"] == 6  # the dry run's whole volume (fewer slices than the window)
     baseline = steps["baseline"]["runs"]
     assert [r["K"] for r in baseline] == [1, 2]
     assert all(_number(r["ratio"]) and r["ratio"] > 0 and _number(r["differing_voxels"]) for r in baseline)
@@ -71,9 +75,9 @@ def test_every_step_records_figures(dry_run):
 @pytest.mark.slow
 def test_summary_states_the_targets(dry_run):
     _, data, summary = dry_run
-    assert len(data["targets"]) == 3 and all(t["value"] is not None for t in data["targets"])
-    for text in ("<= 20 s", ">= 5x", ">= 1.3x", "DRY RUN", "Recommendations"):
+    assert len(data["targets"]) == 4 and all(t["value"] is not None for t in data["targets"])
+    for text in ("<= 20 s", ">= 5x", ">= 1.3x", "< 100 ms", "DRY RUN", "Recommendations"):
         assert text in summary
     assert summary.count("PASS") + summary.count("FAIL") >= 2
-    for number in (1, 2, 3, 4, 5):
+    for number in (1, 2, 3, 4, 5, 6):
         assert f"## {number}. " in summary

@@ -10,7 +10,8 @@ def test_common_package_imports_without_torch_or_simpleitk():
         "import sys\n"
         "import MedicalSAM3Core, MedicalSAM3Core.common.prompts, MedicalSAM3Core.common.result,\\\n"
         "    MedicalSAM3Core.common.volume, MedicalSAM3Core.common.progress, MedicalSAM3Core.common.errors,\\\n"
-        "    MedicalSAM3Core.common.options, MedicalSAM3Core.common.wire, MedicalSAM3Core.common.client\n"
+        "    MedicalSAM3Core.common.options, MedicalSAM3Core.common.wire, MedicalSAM3Core.common.client,\\\n"
+        "    MedicalSAM3Core.common.interaction, MedicalSAM3Core.common.remote_session\n"
         "bad = [m for m in ('torch', 'transformers', 'SimpleITK') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )

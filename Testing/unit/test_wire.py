@@ -9,13 +9,16 @@ import struct
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from MedicalSAM3Core.common.errors import InputError
+from MedicalSAM3Core.common.interaction import MaskPatch
 from MedicalSAM3Core.common.options import SegmentOptions
 from MedicalSAM3Core.common.result import LabelInfo, SegmentationResult, pack_mask
 from MedicalSAM3Core.common.volume import Geometry, Volume
 from fuzzing import fuzz_bodies
-from MedicalSAM3Core.common.wire import MAGIC, Limits, decode_request, decode_result, encode_request, encode_result
+from MedicalSAM3Core.common.wire import (MAGIC, Limits, decode_mask, decode_patch, decode_request, decode_result,
+                                        encode_mask, encode_patch, encode_request, encode_result)
 
 GEOMETRY = Geometry((0.7, 0.7, 3.0), (-10.0, 20.5, -300.25), (0, 1, 0, -1, 0, 0, 0, 0, 1))
 
@@ -107,6 +110,77 @@ def _raw_volume(dtype) -> Volume:
 @given(fuzz_bodies())
 def test_decoder_fuzz_only_raises_input_error(body):
     for decode in (decode_request, decode_result):
+        try:
+            decode(body)
+        except InputError:
+            pass
+
+
+
+# -- interactive sessions: mask patches and seed masks ----------------------------------------------
+@pytest.mark.parametrize("compression", ["zstd", "gzip", "none"])
+def test_patch_and_seed_mask_round_trip_bit_packed(compression):
+    rng = np.random.default_rng(1)
+    box = rng.random((2, 3, 13)) > 0.5  # 13 columns: the last byte of each row is partly padding
+    patch = MaskPatch(4, (1, 2, 3), box, [1, 2], "refine")
+    body = encode_patch(patch, compression)
+    back = decode_patch(body, (5, 10, 20))
+    assert back.to_dict() == patch.to_dict() and back.mask.dtype == bool
+    np.testing.assert_array_equal(back.mask, box)
+    full = rng.random((4, 5, 11)) > 0.5
+    mask, key_slices = decode_mask(encode_mask(full, [0, 3], compression), (4, 5, 11))
+    np.testing.assert_array_equal(mask, full)
+    assert key_slices == [0, 3]
+    assert decode_mask(encode_mask(full, "all"), (4, 5, 11))[1] == "all"
+
+
+def test_an_empty_patch_travels_without_an_array():
+    empty = MaskPatch(2, (0, 0, 0), np.zeros((0, 0, 0), bool), [], "undo")
+    back = decode_patch(encode_patch(empty), (3, 4, 5))
+    assert back.empty and back.object_id == 2 and back.stage == "undo" and back.mask.shape == (0, 0, 0)
+
+
+def test_patches_and_seed_masks_that_do_not_fit_are_refused():
+    patch = MaskPatch(1, (3, 0, 0), np.ones((2, 4, 4), bool), [3, 4], "propagate")
+    with pytest.raises(InputError, match="outside the volume"):
+        decode_patch(encode_patch(patch), (4, 4, 4))
+    with pytest.raises(InputError, match=r"session's shape \[4, 5, 11\], got \[4, 5, 12\]"):
+        decode_mask(encode_mask(np.zeros((4, 5, 12), bool)), (4, 5, 11))
+    with pytest.raises(InputError, match="key_slices"):
+        decode_mask(_message({"format": "medsam3-mask", "wire_version": 1, "compression": "none",
+                              "shape": [1, 1, 8], "key_slices": "middle",
+                              "arrays": [{"name": "mask", "dtype": "|u1", "shape": [1, 1, 1]}]}, b"\xff"), (1, 1, 8))
+    # a header that claims the right shape but carries a bigger array is refused before decompressing it
+    bomb = _message({"format": "medsam3-mask", "wire_version": 1, "compression": "gzip", "shape": [4, 5, 11],
+                     "arrays": [{"name": "mask", "dtype": "|u1", "shape": [4000, 5, 2]}]}, gzip.compress(bytes(40_000)))
+    with pytest.raises(InputError, match="larger than the 40-byte limit"):
+        decode_mask(bomb, (4, 5, 11))
+
+
+def _message(header: dict, payload: bytes) -> bytes:
+    head = json.dumps(header).encode()
+    return MAGIC + struct.pack("<I", len(head)) + head + payload
+
+
+_ints = st.integers(-3, 40) | st.none() | st.text(max_size=3) | st.booleans()
+_patch_headers = st.fixed_dictionaries(
+    {"format": st.sampled_from(["medsam3-patch", "medsam3-mask"]), "wire_version": st.just(1),
+     "compression": st.sampled_from(["none", "gzip"])},
+    optional={"patch": st.fixed_dictionaries({}, optional={"object_id": _ints, "start": st.lists(_ints, max_size=4),
+                                                            "shape": st.lists(_ints, max_size=4),
+                                                            "slices": st.lists(_ints, max_size=3), "stage": _ints}),
+              "shape": st.lists(_ints, max_size=4), "key_slices": st.sampled_from(["all", "x"]) | st.lists(_ints),
+              "arrays": st.lists(st.fixed_dictionaries({"name": st.sampled_from(["mask", "x"]),
+                                                        "dtype": st.sampled_from(["|u1", "<i2"]),
+                                                        "shape": st.lists(st.integers(0, 6), max_size=4)}),
+                                 max_size=2)})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.builds(lambda header, payload, gz: _message(header, gzip.compress(payload) if gz else payload),
+                 _patch_headers, st.binary(max_size=64), st.booleans()) | fuzz_bodies())
+def test_patch_and_mask_decoders_fuzz_only_raise_input_error(body):
+    for decode in (lambda b: decode_patch(b), lambda b: decode_patch(b, (4, 5, 6)), lambda b: decode_mask(b, (4, 5, 6))):
         try:
             decode(body)
         except InputError:

@@ -1,0 +1,3 @@
+from SegmentEditorEffects.AbstractScriptedSegmentEditorEffect import *
+
+from .SegmentEditorEffect import *
