@@ -111,30 +111,42 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=str(REPO / "Resources" / "demo_model"))
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--case", choices=["holdout", "chest"], default="holdout",
+                        help="holdout (default): the DICOM series, liver, spleen and aorta; chest: the VALIDATION scan "
+                             "of evaluate_demo.py, aorta and lung (for choosing models and settings)")
     args = parser.parse_args(argv)
 
     import SimpleITK as sitk
 
-    from evaluate_demo import DATASET, DEMO_PROMPTS, _fetched
+    from evaluate_demo import CHEST_SCORED, DATASET, DEMO_PROMPTS, _fetched, chest_case
     from MedicalSAM3Core.evaluation.evaluate import _display, align_to
     from MedicalSAM3Core.imaging.io import read_volume, write_image
     from MedicalSAM3Core.inference.engine import Segmenter
     from MedicalSAM3Core.inference.models import load_model
 
     data = _fetched("sample")
-    volume = read_volume(data / "example_ct_dicom")
-    reference = align_to(read_volume(data / "example_seg_dicom.nii.gz"), volume)
-    values = {name: int(v) for v, name in json.loads(DATASET.read_text())["labels"].items()}
+    args.output.mkdir(parents=True, exist_ok=True)
+    if args.case == "holdout":
+        scan, truth_path, organs = data / "example_ct_dicom", data / "example_seg_dicom.nii.gz", DEMO_PROMPTS
+    else:
+        scan = data / "aorta_report" / "example_ct.nii.gz"
+        truth_path = chest_case(scan, data / "aorta_report" / "test_result" / "models" / "aorta.nii.gz",
+                                args.output / "case")
+        organs = CHEST_SCORED
+    volume = read_volume(scan)
+    reference = align_to(read_volume(truth_path), volume)
+    values: dict[str, list[int]] = {}  # a concept may have several label values (the lung's lobes)
+    for value, name in json.loads(DATASET.read_text())["labels"].items():
+        values.setdefault(name, []).append(int(value))
     segmenter = Segmenter(load_model(args.model, device=args.device))
     display = _display(volume.array, "CT")
-    args.output.mkdir(parents=True, exist_ok=True)
 
     csv = ["organ,annotator,clicks,click_slice,click_label,dice_clicked_slice,dice_3d,seconds"]
     table = ["| organ | clicks | clicked slice Dice | 3D Dice, propagated | 3D Dice, no propagation |",
              "|---|---|---|---|---|"]
     rows = []
-    for organ in DEMO_PROMPTS:
-        truth = reference == values[organ]
+    for organ in organs:
+        truth = np.isin(reference, values[organ])
         if not truth.any():
             print(f"{organ}: not in the reference, skipped")
             continue
@@ -165,12 +177,12 @@ def main(argv=None) -> int:
                               (last_prop, runs["propagate"]["points"]))]
         rows.append(np.concatenate(row, axis=1))
     (args.output / "annotator.csv").write_text("\n".join(csv) + "\n", encoding="utf-8")
-    note = (f"# Simulated annotator: {Path(args.model).name} on the hold-out scan\n\n"
+    note = (f"# Simulated annotator: {Path(args.model).name} on the {args.case} scan\n\n"
             "Each click at the centre of the largest 3D error region (positive on a miss, negative on a false "
             "region); `Training/examples/simulate_annotator.py`. Clicked slice Dice: right after the click, "
             "before propagation. 0 clicks: the text prompt alone (the model's default mode).\n\n"
             + "\n".join(table) + "\n\n`correction.png`: rows " + ", ".join(
-                o for o in DEMO_PROMPTS if (reference == values[o]).any())
+                o for o in organs if np.isin(reference, values[o]).any())
             + "; columns text alone | 5 clicks, no propagation | 5 clicks + propagation, on the first clicked slice. "
             "Reference green, result magenta, overlap white; positive clicks yellow, negative cyan.\n")
     (args.output / "annotator.md").write_text(note, encoding="utf-8")
