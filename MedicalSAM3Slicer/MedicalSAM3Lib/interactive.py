@@ -2,7 +2,7 @@
 
 Qt-free scene logic (MRML, VTK, numpy), so it runs inside 3D Slicer and, for the tests, on the PyPI
 ``slicer-core`` package. The Segment Editor effect (``SegmentEditorMedicalSAM3Lib/SegmentEditorEffect.py``)
-only turns mouse events into calls of :class:`InteractiveSegment` and polls :class:`BackgroundCall` s.
+only turns mouse events into calls of :class:`InteractionQueue` and polls it.
 
 The engine is reached through a *session*: anything with the methods of the engine's
 ``VolumeSession`` (``MedicalSAM3Core.inference.session``) that this module uses, i.e. ``add_object``,
@@ -47,6 +47,17 @@ Rules:
   matches neither (painted with another effect, or redone with Ctrl+Y: the engine cannot redo) is
   re-seeded from its current voxels, its clicks forgotten. Engine steps of an interaction that wrote
   nothing (refused, cancelled, failed) are undone at once, so the two stacks stay aligned.
+* **Never blocking the GUI.** Every engine call runs in a :class:`BackgroundCall` (a Python thread that the
+  GUI thread's timer lets run, see its docstring); the GUI thread reads the scene before (segment, seed
+  mask) and writes the answer after (:meth:`Workspace.finish`). :class:`InteractionQueue` runs the
+  interactions one after another, each prepared only once the one before it is written; undos the
+  editor's Ctrl+Z made due are noted at once (:meth:`Workspace.note_undo`) and sent before the next
+  engine call. An answer for a segment that changed while the engine worked (Ctrl+Z, painting) is not
+  written, and its engine steps are taken back.
+* **Prompts** (:class:`Prompt`, the markers on the slice views) mirror what the engine holds for each
+  object: a slice's clicks accumulate, a new box replaces the slice's box, a seed forgets them all,
+  propagation keeps them, and an interaction undone in the editor restores the ones before it. A segment
+  that no longer matches the engine's object (painted, redone) shows none.
 * The engine's object keeps the mask it computed where masking refused a voxel; the segment holds
   what the editor allowed. The next click on that slice starts from the engine's mask and the masking
   applies again.
@@ -57,13 +68,13 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from MedicalSAM3Core.common.errors import Cancelled, InputError
-from MedicalSAM3Core.common.interaction import MaskPatch
+from MedicalSAM3Core.common.interaction import MaskPatch, check_points
 from MedicalSAM3Core.common.progress import CancelToken, ProgressEvent
 
 #: A drawn segment on at most this many slices seeds every one of them as a key slice.
@@ -342,9 +353,40 @@ class EditorLogicWriter:
 class _Tracked:
     """A segment being corrected: its engine object and the fingerprint the engine's mask matches."""
 
-    object_id: int
+    object_id: Optional[int]  # None until the engine has added it (the first interaction's job)
     fingerprint: str
     stale: bool = False  # the engine no longer matches the segment: re-seed before the next interaction
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One click (``kind`` ``"point"``, ``zyx`` one position) or box (``"box"``, ``zyx`` its two corners) that
+    the engine holds for a segment's object, on ``slice`` (an index along the session's slice axis).
+    ``pending``: asked for, not answered yet (not in the engine's state)."""
+
+    kind: str
+    slice: int
+    zyx: tuple
+    positive: bool = True
+    pending: bool = False
+
+
+def _prompts_of(axis: int, points=None, labels=None, box=None) -> tuple:
+    """The :class:`Prompt` s of one refine request (continuous ``(z, y, x)``)."""
+    out = []
+    for point, label in zip(points if points is not None else (), labels if labels is not None else ()):
+        zyx = tuple(float(c) for c in point)
+        out.append(Prompt("point", int(round(zyx[axis])), zyx, bool(label)))
+    if box is not None:
+        corners = tuple(tuple(float(c) for c in corner) for corner in box)
+        out.append(Prompt("box", int(round(corners[0][axis])), corners))
+    return tuple(out)
+
+
+def _merge_prompts(held: tuple, new: tuple) -> tuple:
+    """The engine's rule: a slice's clicks accumulate; a new box replaces that slice's box."""
+    boxes = {p.slice for p in new if p.kind == "box"}
+    return tuple(p for p in held if not (p.kind == "box" and p.slice in boxes)) + new
 
 
 @dataclass
@@ -357,6 +399,7 @@ class _Step:
     engine_steps: int
     created: bool  # the interaction added the engine object (undoing it removes the object)
     reseeded: bool
+    prompts_before: tuple = ()  # the segment's prompts before it (restored when it is undone)
 
 
 @dataclass
@@ -379,20 +422,43 @@ class Outcome:
 
 @dataclass
 class _Pending:
-    """Engine steps taken for an interaction not yet written (undone if it is abandoned)."""
+    """An interaction whose engine job was started and whose result is not written yet."""
 
     key: tuple
     tracked: _Tracked
-    engine_steps: int
+    kind: str  # "refine" or "propagate"
     created: bool
     reseeded: bool
     before: Region
+    prompts_before: tuple
+    seeded: bool  # the job seeds the object (the engine forgets its prompts)
+    new_prompts: tuple
+    engine_steps: int = 0  # known once the job has run
+    call: Optional["BackgroundCall"] = None
+    previous: tuple = ()  # the tracked segment's (fingerprint, stale) before it
+
+
+@dataclass
+class _JobResult:
+    object_id: int
+    engine_steps: int
+    patch: Optional[MaskPatch]
+
+
+class EngineOutOfStep(RuntimeError):
+    """An undo the engine owed failed (the server went away, ...): what it holds is no longer known."""
 
 
 class Workspace:
     """One engine session on one source volume and the segments corrected with it (see the module
     docstring). ``writer``: :class:`EditorLogicWriter` or the effect's equivalent (``selected()``,
-    ``save_state()``, ``modify(segmentation node, segment id, modifier)``)."""
+    ``save_state()``, ``modify(segmentation node, segment id, modifier)``).
+
+    Every engine call of an interaction runs in a :class:`BackgroundCall` (``start_refine``,
+    ``start_propagation``; the GUI thread only reads and writes the scene): the undos the editor's Ctrl+Z
+    made due, then ``add_object`` / ``seed`` when needed, then the refine or propagate. :meth:`finish`
+    writes the answer on the GUI thread. One interaction at a time (:attr:`busy`); :class:`InteractionQueue`
+    keeps the order. ``refine``/``propagate`` do both and wait (scripts, tests)."""
 
     def __init__(self, session, volume_node, writer) -> None:
         self.session, self.volume_node, self.writer = session, volume_node, writer
@@ -400,14 +466,21 @@ class Workspace:
         self._tracked: dict[tuple, _Tracked] = {}
         self._steps: list[_Step] = []
         self._pending: Optional[_Pending] = None
+        self._prompts: dict[tuple, tuple] = {}
+        self._owed = 0  # engine undos due (the editor's Ctrl+Z, abandoned interactions), not sent yet
+        self._seen: dict[tuple, Optional[str]] = {}  # fingerprints at the latest check (marker visibility)
 
     def segment(self, segmentation_node, segment_id: str) -> "InteractiveSegment":
         return InteractiveSegment(self, segmentation_node, segment_id)
 
     @property
     def busy(self) -> bool:
-        """An interaction (a propagation) is under way: clicks wait for it."""
+        """An interaction is under way: the next one waits for it."""
         return self._pending is not None
+
+    @property
+    def owed_undos(self) -> int:
+        return self._owed
 
     # -- keeping the engine in step with the editor's undo ----------------------------------------
     def _key(self, segmentation_node, segment_id) -> tuple:
@@ -422,19 +495,10 @@ class Workspace:
             return None
         return segment_region(node, key[1], VolumeGrid.of(self.volume_node, node)).fingerprint()
 
-    def sync(self) -> int:
-        """Undo in the session what was undone in the editor since the last interaction; returns how
-        many interactions were taken back.
-
-        The editor's Undo restores whole states: after ``n`` undos each segment that the last ``n``
-        interactions wrote is back at its fingerprint from before the earliest of them, and every other
-        segment still is as its latest interaction left it. The ``n`` under which most segments are as
-        expected is taken (the smallest of equals; 0 when the last interaction's segment still is as it
-        wrote it). A segment that matches nothing was changed otherwise (painted, redone): it is
-        re-seeded when next used."""
+    def _undone(self, current: dict) -> int:
+        """How many of the latest interactions the editor's Undo took back (see :meth:`sync`)."""
         if not self._steps:
             return 0
-        current: dict = {}
 
         def fingerprint(key):
             if key not in current:
@@ -454,79 +518,218 @@ class Workspace:
             matches = sum(fingerprint(key) == expected[key] for key in keys)
             if matches > best_matches:
                 best, best_matches = n, matches
-        self._pop(best)
         return best
+
+    def note_undo(self) -> int:
+        """The bookkeeping of :meth:`sync` without engine calls: the undone interactions are forgotten (their
+        prompts too) and their engine steps become :attr:`owed_undos` (sent before the next engine call).
+        Also records the tracked segments' fingerprints for :meth:`prompts`. Not while an interaction is
+        under way (its :meth:`finish` checks instead): returns 0 then."""
+        if self._pending is not None:
+            return 0
+        current: dict = {}
+        n = self._undone(current)
+        self._pop(n)
+        for key in self._tracked:
+            if key not in current:
+                current[key] = self._fingerprint(key)
+        self._seen = current
+        return n
+
+    def sync(self) -> int:
+        """Undo in the session what was undone in the editor since the last interaction (waiting for the
+        engine); returns how many interactions were taken back.
+
+        The editor's Undo restores whole states: after ``n`` undos each segment that the last ``n``
+        interactions wrote is back at its fingerprint from before the earliest of them, and every other
+        segment still is as its latest interaction left it. The ``n`` under which most segments are as
+        expected is taken (the smallest of equals; 0 when the last interaction's segment still is as it
+        wrote it). A segment that matches nothing was changed otherwise (painted, redone): it is
+        re-seeded when next used."""
+        n = self.note_undo()
+        self.settle()
+        return n
+
+    def settle(self) -> None:
+        """Send the owed undos now (waiting)."""
+        while self._owed:
+            self._owed -= 1
+            self.session.undo()
+
+    def start_settle(self) -> Optional["BackgroundCall"]:
+        """Send the owed undos in the background (None when none are owed); pass the call to :meth:`finish`."""
+        if not self._owed or self._pending is not None:
+            return None
+        undos, self._owed = self._owed, 0
+        session = self.session
+
+        def run(progress):
+            _send_undos(session, undos)
+
+        call = BackgroundCall(run)
+        call.kind = "undo"
+        return call
+
+    def forget_engine(self) -> None:
+        """The engine's state is unknown (an owed undo failed): every segment is re-added when next used."""
+        self._tracked.clear()
+        self._steps.clear()
+        self._prompts.clear()
+        self._owed = 0
+        self._pending = None
 
     def _pop(self, n: int) -> None:
         for _ in range(n):
             step = self._steps.pop()
-            for _ in range(step.engine_steps):
-                self.session.undo()
+            self._owed += step.engine_steps
             if step.created:
                 self._tracked.pop(step.key, None)
+                self._prompts.pop(step.key, None)
             else:
                 tracked = self._tracked[step.key]
                 tracked.fingerprint = step.before
                 tracked.stale = tracked.stale or step.reseeded  # the engine is back before that re-seed
+                self._prompts[step.key] = step.prompts_before
 
+    # -- prompts (the markers on the slice views) ---------------------------------------------------
+    def prompts(self, segmentation_node, segment_id: str) -> tuple:
+        """The clicks and boxes the engine holds for the segment, as of the latest :meth:`note_undo` (or
+        interaction): empty when the segment no longer matches the engine (painted, or redone), since
+        the next interaction re-seeds it and the engine forgets them."""
+        key = self._key(segmentation_node, segment_id)
+        tracked = self._tracked.get(key)
+        if tracked is None or tracked.stale or self._seen.get(key) != tracked.fingerprint:
+            return ()
+        return self._prompts.get(key, ())
+
+    def pending_prompts(self, segmentation_node, segment_id: str) -> tuple:
+        """The prompts of the interaction under way on the segment (``pending=True``)."""
+        pending = self._pending
+        if pending is None or pending.key != self._key(segmentation_node, segment_id):
+            return ()
+        return tuple(replace(p, pending=True) for p in pending.new_prompts)
+
+    # -- an interaction ------------------------------------------------------------------------------
     def _selected(self, segmentation_node, segment_id: str) -> bool:
         """Whether the editor's selected segment is this one (its masking treats that one as the edited)."""
         node, selected = self.writer.selected()
         return node is not None and node.GetID() == segmentation_node.GetID() and selected == segment_id
 
-    def _begin(self, segmentation_node, segment_id: str) -> _Pending:
-        """Sync, check the editor's selection, and make the engine's object match the segment."""
+    def _start(self, segmentation_node, segment_id: str, kind: str, act: Callable, new_prompts: tuple = (),
+               cancel: Optional[CancelToken] = None) -> "BackgroundCall":
+        """Check the selection, note the editor's undos, and start the engine job of one interaction:
+        the owed undos, ``add_object``/``seed`` when the engine's object does not match the segment, then
+        ``act(session, object_id, progress)``. The job undoes its own steps if it fails."""
         if self._pending is not None:
-            raise InputError("wait for the propagation to finish (or cancel it)")
+            raise InputError("wait for the propagation to finish (or cancel it)" if self._pending.kind == "propagate"
+                             else "wait for the previous click to be answered")
         if not self._selected(segmentation_node, segment_id):
             raise InputError("select the segment to correct in the Segment Editor first")
-        self.sync()
+        self.note_undo()
         key = self._key(segmentation_node, segment_id)
         grid = VolumeGrid.of(self.volume_node, segmentation_node)
         region = segment_region(segmentation_node, segment_id, grid)
         fingerprint = region.fingerprint()
-        tracked, steps, created, reseeded = self._tracked.get(key), 0, False, False
-        try:
-            if tracked is None:
-                name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
-                tracked = _Tracked(int(self.session.add_object(name)), fingerprint)
-                steps, created = 1, True
-            elif tracked.fingerprint != fingerprint or tracked.stale:
-                reseeded = True
-            if (created and not region.empty) or reseeded:
-                full = region.full(grid.shape)
-                self.session.seed(tracked.object_id, full, key_slices_for(full, self.axis))
-                steps += 1
-        except BaseException:
-            for _ in range(steps):
-                self.session.undo()
-            raise
+        tracked, created, reseeded, name, seed = self._tracked.get(key), False, False, None, None
+        if tracked is None:
+            name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
+            tracked, created = _Tracked(None, fingerprint), True
+        elif tracked.fingerprint != fingerprint or tracked.stale:
+            reseeded = True
+        if (created and not region.empty) or reseeded:
+            full = region.full(grid.shape)  # read here, on the GUI thread: the job never reads the scene
+            seed = (full, key_slices_for(full, self.axis))
+        undos, self._owed = self._owed, 0
+        session, object_id = self.session, tracked.object_id
+
+        def run(progress):
+            _send_undos(session, undos)
+            steps, oid = 0, object_id
+            try:
+                if name is not None:
+                    oid = int(session.add_object(name))
+                    steps += 1
+                if seed is not None:
+                    session.seed(oid, *seed)
+                    steps += 1
+                patch = act(session, oid, progress)
+            except BaseException as error:
+                try:
+                    _send_undos(session, steps)
+                except EngineOutOfStep as lost:
+                    raise lost from error
+                raise
+            return _JobResult(oid, steps + 1, patch)
+
+        previous = (tracked.fingerprint, tracked.stale)
         tracked.fingerprint, tracked.stale = fingerprint, False
         self._tracked[key] = tracked
-        self._pending = _Pending(key, tracked, steps, created, reseeded, region)
-        return self._pending
+        pending = _Pending(key, tracked, kind, created, reseeded, region, self._prompts.get(key, ()),
+                           seed is not None, new_prompts, previous=previous)
+        self._pending = pending
+        pending.call = BackgroundCall(run, cancel)
+        pending.call.kind = kind
+        pending.call.key = key
+        return pending.call
 
-    def _abandon(self) -> None:
-        """Undo the engine steps of the interaction under way (nothing was written)."""
+    def _restore(self, owe: bool) -> None:
+        """Forget the interaction under way (nothing was written); ``owe``: its engine steps are undone later."""
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        for _ in range(pending.engine_steps):
-            self.session.undo()
+        if owe:
+            self._owed += pending.engine_steps
         if pending.created:
             self._tracked.pop(pending.key, None)
         elif pending.reseeded:
             pending.tracked.stale = True
+        else:
+            pending.tracked.fingerprint, pending.tracked.stale = pending.previous
 
-    def _finish(self, segmentation_node, segment_id: str, patch: MaskPatch) -> Outcome:
-        """Write the engine's ``patch`` as one undoable step (or undo the engine's steps if that fails)."""
+    def finish(self, call: "BackgroundCall") -> Outcome:
+        """Write the answer of a finished job (on the GUI thread) as one undoable step; a cancelled, failed or
+        refused one raises (nothing written, the engine taken back). Also takes an undo job
+        (:meth:`start_settle`), which writes nothing."""
+        if not call.finished:
+            raise RuntimeError("the engine is still working on it")
+        if getattr(call, "kind", None) == "undo":
+            if call.error is not None:
+                self.forget_engine()
+                raise call.error
+            return Outcome(None, False)
         pending = self._pending
-        pending.engine_steps += 1  # the refine / propagate that made ``patch``
+        if pending is None or pending.call is not call:
+            raise RuntimeError("this call is not the interaction under way")
+        if call.error is not None:
+            if isinstance(call.error, EngineOutOfStep):
+                self.forget_engine()
+            else:
+                self._restore(owe=False)  # the job undid its own steps
+            raise call.error
+        result: _JobResult = call.result
+        pending.engine_steps = result.engine_steps
+        pending.tracked.object_id = result.object_id
+        node = self._node(pending.key)
+        if node is None or node.GetSegmentation().GetSegment(pending.key[1]) is None:
+            self._restore(owe=True)
+            raise InputError("the segment was removed meanwhile; nothing was written")
+        # Ctrl+Z (or painting) while the engine worked: its answer is for a segment that is no longer there
+        current: dict = {}
+        undone = self._undone(current)
+        if undone or self._fingerprint(pending.key) != pending.before.fingerprint():
+            self._restore(owe=True)
+            self._pop(undone)
+            raise InputError("the segment changed while the engine was working; nothing was written")
+        return self._write(node, pending.key[1], result.patch)
+
+    def _write(self, segmentation_node, segment_id: str, patch: MaskPatch) -> Outcome:
+        """Write the engine's ``patch`` as one undoable step (or take the engine's steps back if that fails)."""
+        pending = self._pending
         try:
             if not self._selected(segmentation_node, segment_id):
                 raise InputError("another segment was selected meanwhile; nothing was written")
             if patch is None or patch.empty:
-                self._abandon()
+                self._restore(owe=True)
                 return Outcome(patch, False)
             grid = VolumeGrid.of(self.volume_node, segmentation_node)
             before = pending.before
@@ -535,52 +738,50 @@ class Workspace:
             self.writer.save_state()
             self.writer.modify(segmentation_node, segment_id, modifier)
         except BaseException:
-            self._abandon()
+            self._restore(owe=True)
             raise
         self._pending = None
         after = segment_region(segmentation_node, segment_id, grid)
         old, new = before.full(grid.shape), after.full(grid.shape)
         pending.tracked.fingerprint = after.fingerprint()
+        self._seen[pending.key] = pending.tracked.fingerprint
+        held = () if pending.seeded else pending.prompts_before
+        self._prompts[pending.key] = _merge_prompts(held, pending.new_prompts)
         self._steps.append(_Step(pending.key, before.fingerprint(), pending.tracked.fingerprint, pending.engine_steps,
-                                 pending.created, pending.reseeded))
+                                 pending.created, pending.reseeded, pending.prompts_before))
         del self._steps[:-MAX_STEPS]
         return Outcome(patch, True, list(patch.slices), int((new & ~old).sum()), int((old & ~new).sum()))
 
     # -- interactions -------------------------------------------------------------------------------
-    def refine(self, segmentation_node, segment_id: str, points=None, labels=None, box=None) -> Outcome:
-        self._begin(segmentation_node, segment_id)
-        try:
-            patch = self.session.refine(self._pending.tracked.object_id, points=points, labels=labels, box=box)
-        except BaseException:
-            self._abandon()
-            raise
-        return self._finish(segmentation_node, segment_id, patch)
+    def start_refine(self, segmentation_node, segment_id: str, points=None, labels=None, box=None
+                     ) -> "BackgroundCall":
+        """Clicks and/or a box (continuous ``(z, y, x)``) in the background; pass the call to :meth:`finish`."""
+        pts, lab, corners = check_points(points, labels, box)  # refused at once, before any engine call
+        prompts = _prompts_of(self.axis, pts, lab, corners)
+        return self._start(segmentation_node, segment_id, "refine",
+                           lambda session, oid, progress: session.refine(oid, points=points, labels=labels,
+                                                                         box=box),
+                           prompts)
+
+    def refine(self, segmentation_node, segment_id: str, points=None, labels=None, box=None,
+               timeout: Optional[float] = None) -> Outcome:
+        """:meth:`start_refine` and :meth:`finish`, waiting (scripts and tests)."""
+        call = self.start_refine(segmentation_node, segment_id, points, labels, box)
+        call.wait(timeout)
+        return self.finish(call)
 
     def start_propagation(self, segmentation_node, segment_id: str, first=None, last=None) -> "BackgroundCall":
         """Re-track the segment in the background: returns a :class:`BackgroundCall` to poll; once it has
-        finished, pass it to :meth:`finish_propagation` (which writes the result or undoes the engine's steps)."""
-        pending = self._begin(segmentation_node, segment_id)
+        finished, pass it to :meth:`finish` (which writes the result or takes the engine's steps back)."""
         cancel = CancelToken()
-        call = BackgroundCall(lambda progress: self.session.propagate(
-            pending.tracked.object_id, progress=progress, cancel=cancel, first=first, last=last), cancel)
-        call.key = pending.key
-        return call
+        return self._start(segmentation_node, segment_id, "propagate",
+                           lambda session, oid, progress: session.propagate(oid, progress=progress, cancel=cancel,
+                                                                            first=first, last=last),
+                           cancel=cancel)
 
     def finish_propagation(self, call: "BackgroundCall") -> Outcome:
         """Write a finished propagation; a cancelled or failed one raises its error (nothing written)."""
-        if not call.finished:
-            raise RuntimeError("the propagation is still running")
-        if self._pending is None or self._pending.key != call.key:
-            raise RuntimeError("this propagation is not the interaction under way")
-        if call.error is not None:
-            # the engine leaves the object unchanged on cancel or error: only the setup steps are undone
-            self._abandon()
-            raise call.error
-        node = self._node(call.key)
-        if node is None:
-            self._abandon()
-            raise InputError("the segmentation was removed meanwhile; nothing was written")
-        return self._finish(node, call.key[1], call.result)
+        return self.finish(call)
 
     def propagate(self, segmentation_node, segment_id: str, first=None, last=None, timeout: Optional[float] = None
                   ) -> Outcome:
@@ -589,9 +790,37 @@ class Workspace:
         call.wait(timeout)
         return self.finish_propagation(call)
 
+    def start_prepare(self, slice_index: int, segmentation_node=None, segment_id: Optional[str] = None
+                      ) -> Optional["BackgroundCall"]:
+        """Have the engine compute a slice's features ahead of the first click on it (None when the session
+        cannot, or an interaction or owed undo comes first). With the segment's object when it has one (its
+        intensity window), else the session's default (which new objects get)."""
+        if self._pending is not None or self._owed or not hasattr(self.session, "prepare"):
+            return None
+        tracked = None if segmentation_node is None else self._tracked.get(self._key(segmentation_node, segment_id))
+        object_id = None if tracked is None else tracked.object_id
+        session = self.session
+        call = BackgroundCall(lambda progress: session.prepare([int(slice_index)], object_id))
+        call.kind = "prepare"
+        return call
+
     def cancel(self) -> None:
-        """Abandon an interaction whose result was not written (e.g. the effect was closed meanwhile)."""
-        self._abandon()
+        """Abandon an interaction whose result was not written (e.g. the effect was closed meanwhile): its
+        call is cancelled; its engine steps are owed."""
+        pending = self._pending
+        if pending is None:
+            return
+        if pending.call is not None:
+            pending.call.cancel()
+        self._restore(owe=True)
+
+
+def _send_undos(session, n: int) -> None:
+    for done in range(n):
+        try:
+            session.undo()
+        except BaseException as error:
+            raise EngineOutOfStep(f"the engine could not take back {n - done} step(s): {error}") from error
 
 
 class InteractiveSegment:
@@ -612,18 +841,25 @@ class InteractiveSegment:
             raise InputError("click inside the source volume")
         return zyx
 
-    def click(self, ras, positive: bool = True) -> Outcome:
-        """A positive (the structure is here) or negative click at world position ``ras``."""
-        return self.refine(points=[self._voxel(ras)], labels=[1 if positive else 0])
+    def click_prompt(self, ras, positive: bool = True) -> dict:
+        """The refine arguments of a click at world position ``ras`` (refused outside the volume)."""
+        return {"points": [self._voxel(ras)], "labels": [1 if positive else 0]}
 
-    def box(self, ras_a, ras_b) -> Outcome:
-        """A box from two opposite corners (world positions) on one slice; a corner dragged past the
-        volume's edge is pulled back onto it (a corner clicked outside is refused)."""
+    def box_prompt(self, ras_a, ras_b) -> dict:
+        """The refine arguments of a box from two opposite corners (world positions) on one slice; a corner
+        dragged past the volume's edge is pulled back onto it (a corner clicked outside is refused)."""
         self._voxel(ras_a)
         shape = VolumeGrid.of(self.volume_node, self.segmentation_node).shape
         edge = np.array(shape, float) - 0.5
-        corners = [np.clip(world_to_zyx(self.volume_node, ras), -0.5, edge) for ras in (ras_a, ras_b)]
-        return self.refine(box=corners)
+        return {"box": [np.clip(world_to_zyx(self.volume_node, ras), -0.5, edge) for ras in (ras_a, ras_b)]}
+
+    def click(self, ras, positive: bool = True) -> Outcome:
+        """A positive (the structure is here) or negative click at world position ``ras``."""
+        return self.refine(**self.click_prompt(ras, positive))
+
+    def box(self, ras_a, ras_b) -> Outcome:
+        """A box from two opposite corners (world positions) on one slice (see :meth:`box_prompt`)."""
+        return self.refine(**self.box_prompt(ras_a, ras_b))
 
     def refine(self, points=None, labels=None, box=None) -> Outcome:
         """Points/box in continuous voxel indices ``(z, y, x)``."""
@@ -652,6 +888,7 @@ class BackgroundCall:
         self.result = None
         self.error: Optional[BaseException] = None
         self.key = None
+        self.kind: Optional[str] = None  # "refine", "propagate", "undo", "prepare" (what the job is)
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(function,), daemon=True,
                                         name="MedicalSAM3 interactive")
@@ -710,3 +947,234 @@ def open_session(backend, volume_node, options=None) -> BackgroundCall:
         return client.open_session(volume, options, cancel=cancel)
 
     return BackgroundCall(run, cancel)
+
+
+# ------------------------------------------------------------------------------------------ the queue
+#: Seconds the mouse must rest on a slice before the engine is asked to prepare it.
+PREPARE_DELAY_S = 0.4
+#: Prepared slices remembered per session (the engine's feature cache keeps its own, larger, LRU).
+PREPARED_KEPT = 64
+
+
+@dataclass
+class Request:
+    """One interaction asked for in the effect, not yet started: ``kind`` ``"refine"`` (``arguments``: the
+    refine's points/labels/box) or ``"propagate"``; ``prompts`` are shown (pending) until it is answered."""
+
+    kind: str
+    segmentation_node: object
+    segment_id: str
+    arguments: dict = field(default_factory=dict)
+    prompts: tuple = ()
+
+    @property
+    def key(self) -> tuple:
+        return self.segmentation_node.GetID(), self.segment_id
+
+
+@dataclass
+class Event:
+    """What a finished interaction did, for the status line: its ``outcome`` or its ``error``."""
+
+    request: Optional[Request]
+    outcome: Optional[Outcome] = None
+    error: Optional[BaseException] = None
+
+    @property
+    def cancelled(self) -> bool:
+        return isinstance(self.error, Cancelled)
+
+
+class InteractionQueue:
+    """Clicks, boxes and propagations of one :class:`Workspace`, run one after another in the background,
+    never two at once; polled by the effect's timer (:meth:`poll`), which writes each answer on the GUI
+    thread. An interaction is *prepared* (undo check, seed, ...) only when the one before it has been
+    written, since that write changes the segment it starts from.
+
+    When idle it sends the undos that the editor's Ctrl+Z made due (:meth:`check`), then, if asked with
+    :meth:`hover`, has the engine prepare the slice under the mouse (:data:`PREPARE_DELAY_S` after the mouse
+    came to rest on it; at most one at a time; each slice once), so that the first click there is fast."""
+
+    def __init__(self, workspace: Workspace, prepare: bool = True, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.workspace, self.prepare_enabled, self.clock = workspace, prepare, clock
+        self._queue: list[Request] = []
+        self._call: Optional[BackgroundCall] = None
+        self._request: Optional[Request] = None  # the request of ``_call`` (None: an undo or prepare job)
+        self._check_due = False
+        self._wanted: Optional[tuple] = None  # (slice, since, segmentation node, segment id)
+        self._prepared: list[int] = []
+
+    # -- asking --------------------------------------------------------------------------------------
+    def _segment(self, segmentation_node, segment_id) -> InteractiveSegment:
+        if self.propagating:
+            raise InputError("wait for the propagation to finish (or cancel it)")
+        return self.workspace.segment(segmentation_node, segment_id)
+
+    def click(self, segmentation_node, segment_id: str, ras, positive: bool = True) -> Request:
+        """Queue a click at world position ``ras`` (refused at once outside the volume or while propagating)."""
+        arguments = self._segment(segmentation_node, segment_id).click_prompt(ras, positive)
+        return self._add(Request("refine", segmentation_node, segment_id, arguments,
+                                 _prompts_of(self.workspace.axis, **arguments)))
+
+    def box(self, segmentation_node, segment_id: str, ras_a, ras_b) -> Request:
+        arguments = self._segment(segmentation_node, segment_id).box_prompt(ras_a, ras_b)
+        return self._add(Request("refine", segmentation_node, segment_id, arguments,
+                                 _prompts_of(self.workspace.axis, **arguments)))
+
+    def propagate(self, segmentation_node, segment_id: str, first=None, last=None) -> Request:
+        self._segment(segmentation_node, segment_id)
+        return self._add(Request("propagate", segmentation_node, segment_id, {"first": first, "last": last}))
+
+    def _add(self, request: Request) -> Request:
+        self._queue.append(request)
+        return request
+
+    def hover(self, ras, segmentation_node=None, segment_id: Optional[str] = None) -> Optional[int]:
+        """The mouse is at world position ``ras`` on a slice view: prepare its slice once it rests there.
+        Returns the slice (None outside the volume)."""
+        if not self.prepare_enabled:
+            return None
+        volume = self.workspace.volume_node
+        image = volume.GetImageData() if volume is not None else None
+        if image is None:
+            return None
+        zyx = world_to_zyx(volume, ras)
+        if not inside(zyx, tuple(image.GetDimensions())[::-1]):
+            self._wanted = None
+            return None
+        s = int(round(float(zyx[self.workspace.axis])))
+        if self._wanted is None or self._wanted[0] != s:
+            self._wanted = (s, self.clock(), segmentation_node, segment_id)
+        return s
+
+    def check(self) -> None:
+        """The segmentation changed (maybe the editor's Ctrl+Z): keep the engine and the prompts in step
+        (now, or once the interaction under way is answered)."""
+        if self.workspace.busy:
+            self._check_due = True
+        else:  # also while an undo or prepare job runs: the newly due undos are sent after it, in order
+            self.workspace.note_undo()
+
+    def cancel(self) -> None:
+        """Drop the queued interactions and cancel a running propagation (a click's answer still comes)."""
+        self._queue.clear()
+        if self._call is not None and self._request is not None and self._request.kind == "propagate":
+            self._call.cancel()
+
+    def close(self) -> None:
+        """Stop: queued interactions are dropped, the one under way is abandoned (nothing more is written)."""
+        self._queue.clear()
+        if self._call is not None:
+            self._call.cancel()
+        self.workspace.cancel()
+        self._call = self._request = None
+
+    # -- state ---------------------------------------------------------------------------------------
+    @property
+    def propagating(self) -> bool:
+        return (self._request is not None and self._request.kind == "propagate") or any(
+            r.kind == "propagate" for r in self._queue)
+
+    @property
+    def working(self) -> bool:
+        """An interaction is under way or queued (the effect says "working...")."""
+        return self._request is not None or bool(self._queue)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def progress(self) -> Optional[ProgressEvent]:
+        return None if self._call is None or self._request is None else self._call.progress
+
+    @property
+    def active(self) -> bool:
+        """Whether :meth:`poll` has anything to do (the effect's timer runs while it has)."""
+        return (self._call is not None or bool(self._queue) or self._check_due or self.workspace.owed_undos > 0
+                or self._prepare_wanted())
+
+    def _prepare_wanted(self) -> bool:
+        return self.prepare_enabled and self._wanted is not None and self._wanted[0] not in self._prepared
+
+    def prompts(self, segmentation_node, segment_id: str) -> tuple:
+        """The segment's prompts to show: those the engine holds, then (``pending``) those of the interaction
+        under way and of the queued ones."""
+        key = (segmentation_node.GetID(), segment_id)
+        out = self.workspace.prompts(segmentation_node, segment_id) + self.workspace.pending_prompts(
+            segmentation_node, segment_id)
+        for request in self._queue:
+            if request.key == key:
+                out += tuple(replace(p, pending=True) for p in request.prompts)
+        return out
+
+    # -- the timer's work ----------------------------------------------------------------------------
+    def poll(self, yield_s: float = 0.02) -> list[Event]:
+        """Let the job under way run a moment; once it is answered, write it; then start the next job.
+        Returns the finished interactions (usually none)."""
+        events: list[Event] = []
+        if self._call is not None:
+            if not self._call.poll(yield_s):
+                return events
+            events.extend(self._finished())
+        while self._call is None and self._start_next(events):
+            pass
+        return events
+
+    def _finished(self) -> list[Event]:
+        call, request = self._call, self._request
+        self._call = self._request = None
+        if call.kind == "prepare":
+            if call.error is not None:  # an older engine, a busy session: no harm, the click computes them
+                self.prepare_enabled = not isinstance(call.error, (AttributeError, NotImplementedError))
+            return []
+        if request is not None and request.kind == "propagate":
+            self.forget_prepared()
+        try:
+            outcome = self.workspace.finish(call)
+        except BaseException as error:  # noqa: BLE001 - reported to the user, the engine is in step again
+            return [Event(request, error=error)] if request is not None else [Event(None, error=error)]
+        finally:
+            if self._check_due:
+                self._check_due = False
+                self.workspace.note_undo()
+        return [Event(request, outcome)] if request is not None else []
+
+    def _start_next(self, events: list) -> bool:
+        """Start the next job; False when there is none (True also when a request was refused at once, so
+        that the one after it starts)."""
+        if self._check_due:
+            self._check_due = False
+            self.workspace.note_undo()
+        if self._queue:
+            request = self._queue.pop(0)
+            workspace = self.workspace
+            try:
+                if request.kind == "propagate":
+                    call = workspace.start_propagation(request.segmentation_node, request.segment_id,
+                                                       **request.arguments)
+                else:
+                    call = workspace.start_refine(request.segmentation_node, request.segment_id,
+                                                  **request.arguments)
+            except BaseException as error:  # noqa: BLE001 - e.g. another segment is selected now
+                events.append(Event(request, error=error))
+                return True
+            self._call, self._request = call, request
+            return True
+        call = self.workspace.start_settle()
+        if call is not None:
+            self._call = call
+            return True
+        if self._prepare_wanted() and self.clock() - self._wanted[1] >= PREPARE_DELAY_S:
+            s, _, node, segment_id = self._wanted
+            call = self.workspace.start_prepare(s, node, segment_id)
+            self._prepared = (self._prepared + [s])[-PREPARED_KEPT:]
+            if call is not None:
+                self._call = call
+                return True
+        return False
+
+    def forget_prepared(self) -> None:
+        """The engine may have dropped its features (e.g. after a propagation): prepare again when asked."""
+        self._prepared.clear()

@@ -7,6 +7,7 @@ engine is a small fake with the ``VolumeSession`` protocol (deterministic masks)
 
 from __future__ import annotations
 
+import threading
 import time
 import types
 
@@ -15,10 +16,12 @@ import pytest
 
 import slicer
 import slicer.util
+import vtk
 
 from MedicalSAM3Core.common.errors import Cancelled, InputError
 from MedicalSAM3Core.common.interaction import MaskPatch, check_points
-from MedicalSAM3Lib.interactive import (FEW_SLICES, EditorLogicWriter, Region, VolumeGrid, Workspace, inside,
+from MedicalSAM3Lib.interactive import (FEW_SLICES, PREPARE_DELAY_S, EditorLogicWriter, InteractionQueue, Region,
+                                        VolumeGrid, Workspace, inside,
                                         key_slices_for, modifier_labelmap, reference_geometry, segment_region,
                                         world_to_zyx, zyx_to_world)
 from MedicalSAM3Lib.scene import _oriented_image
@@ -499,3 +502,258 @@ def test_the_real_session_clicks_undo_and_propagate(editor, visible):
     env.logic.Undo()
     assert env.workspace.sync() == 1
     np.testing.assert_array_equal(env.get(env.a), session.mask(1))
+
+
+# ---------------------------------------------------------------------------------------- the queue (the effect's path)
+class GatedSession(FakeSession):
+    """A FakeSession whose refine waits for ``gate`` (an engine computing a slice's features), and which
+    records the calls in flight at once (never more than one) and ``prepare`` calls."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.in_flight, self.most_in_flight = 0, 0
+        self.prepared = []
+
+    def _enter(self):
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+
+    def refine(self, *args, **kwargs):
+        self._enter()
+        try:
+            assert self.gate.wait(10)
+            return super().refine(*args, **kwargs)
+        finally:
+            self.in_flight -= 1
+
+    def prepare(self, slices, object_id=None):
+        self._enter()
+        try:
+            self.prepared.append((list(slices), object_id))
+        finally:
+            self.in_flight -= 1
+
+
+def _drain(queue, timeout=20):
+    events, deadline = [], time.monotonic() + timeout
+    while queue.working or queue.workspace.owed_undos or queue._call is not None:
+        events += queue.poll(0.01)
+        assert time.monotonic() < deadline, "the queue did not finish"
+    return events
+
+
+def _points(prompts):
+    return [(p.kind, p.slice, p.positive, p.pending) for p in prompts]
+
+
+@pytest.fixture
+def queued(editor):
+    env = editor(session=lambda volume: GatedSession())
+    env.queue = InteractionQueue(env.workspace, prepare=False)
+    return env
+
+
+def test_clicks_return_at_once_and_are_answered_in_order(queued):
+    env = queued
+    env.session.gate.clear()  # the engine is slow (the first click on a slice)
+    started = time.monotonic()
+    env.queue.click(env.node, env.a, _ras(env, 3, 20, 20))
+    env.queue.click(env.node, env.a, _ras(env, 3, 20, 30))
+    env.queue.click(env.node, env.a, _ras(env, 3, 30, 30), positive=False)
+    assert env.queue.poll(0.01) == [] and env.queue.working and env.queue.queued == 2
+    assert time.monotonic() - started < 1  # nothing waited for the engine
+    assert not env.get(env.a).any()  # nothing written yet
+    pending = env.queue.prompts(env.node, env.a)
+    assert _points(pending) == [("point", 3, True, True), ("point", 3, True, True), ("point", 3, False, True)]
+    env.session.gate.set()
+    events = _drain(env.queue)
+    assert [e.error for e in events] == [None] * 3 and all(e.outcome.written for e in events)
+    assert env.session.most_in_flight == 1  # one engine call at a time
+    assert [c for c in env.session.calls if c[0] == "refine"] == [("refine", 3)] * 3
+    np.testing.assert_array_equal(env.get(env.a), (_square(3, 20, 20) | _square(3, 20, 30)) & ~_square(3, 30, 30))
+    assert _points(env.queue.prompts(env.node, env.a)) == [("point", 3, True, False), ("point", 3, True, False),
+                                                           ("point", 3, False, False)]
+    for _ in range(3):  # one undo step per click
+        assert env.logic.CanUndo()
+        env.logic.Undo()
+    np.testing.assert_array_equal(env.get(env.a), np.zeros(SHAPE, bool))
+
+
+def test_markers_follow_ctrl_z_and_the_engine_takes_it_back(queued):
+    env = queued
+    env.queue.click(env.node, env.a, _ras(env, 3, 20, 20))
+    env.queue.box(env.node, env.a, _ras(env, 3, 10, 10), _ras(env, 3, 25, 30))
+    env.queue.click(env.node, env.a, _ras(env, 6, 20, 20))
+    _drain(env.queue)
+    assert _points(env.queue.prompts(env.node, env.a)) == [("point", 3, True, False), ("box", 3, True, False),
+                                                           ("point", 6, True, False)]
+    env.logic.Undo()  # Ctrl+Z: the click on slice 6
+    env.queue.check()  # the effect calls this once the segmentation is quiet
+    assert _points(env.queue.prompts(env.node, env.a)) == [("point", 3, True, False), ("box", 3, True, False)]
+    assert env.workspace.owed_undos == 1 and env.queue.active
+    _drain(env.queue)  # the undo is sent in the background
+    assert env.session.calls[-1] == ("undo", 1) and env.workspace.owed_undos == 0
+    np.testing.assert_array_equal(env.session.objects[1], env.get(env.a))
+    env.logic.Undo()
+    env.logic.Undo()  # back before the first click: the engine object is forgotten, no markers
+    env.queue.check()
+    assert env.queue.prompts(env.node, env.a) == ()
+    _drain(env.queue)
+    assert env.session.objects == {}
+
+
+def test_a_new_box_replaces_the_slices_box_and_a_seed_forgets_the_prompts(queued):
+    env = queued
+    env.queue.box(env.node, env.a, _ras(env, 4, 10, 10), _ras(env, 4, 20, 20))
+    env.queue.click(env.node, env.a, _ras(env, 4, 15, 15))
+    env.queue.box(env.node, env.a, _ras(env, 4, 12, 12), _ras(env, 4, 30, 30))
+    _drain(env.queue)
+    prompts = env.queue.prompts(env.node, env.a)
+    assert _points(prompts) == [("point", 4, True, False), ("box", 4, True, False)]
+    assert prompts[1].zyx[0][1:] == pytest.approx((12, 12)) and prompts[1].zyx[1][1:] == pytest.approx((30, 30))
+    painted = env.get(env.a)
+    painted[8, 2:5, 2:5] = True  # painted with another effect: the engine no longer matches, no markers
+    env.put(env.a, painted)
+    env.queue.check()
+    assert env.queue.prompts(env.node, env.a) == ()
+    env.queue.click(env.node, env.a, _ras(env, 8, 30, 10))  # re-seeds: only the new click is held
+    _drain(env.queue)
+    assert _points(env.queue.prompts(env.node, env.a)) == [("point", 8, True, False)]
+
+
+def test_an_answer_for_a_segment_undone_meanwhile_is_not_written(queued):
+    env = queued
+    env.queue.click(env.node, env.a, _ras(env, 3, 20, 20))
+    _drain(env.queue)
+    first = env.get(env.a)
+    env.session.gate.clear()
+    env.queue.click(env.node, env.a, _ras(env, 5, 20, 20))
+    env.queue.poll(0.01)  # in flight
+    env.logic.Undo()  # Ctrl+Z of the first click while the engine works on the second
+    env.queue.check()  # deferred: an interaction is under way
+    env.session.gate.set()
+    events = _drain(env.queue)
+    assert len(events) == 1 and isinstance(events[0].error, InputError) and "changed" in str(events[0].error)
+    assert not env.get(env.a).any() and first.any()
+    assert env.session.objects == {}  # both clicks (and the object) taken back in the engine
+    assert env.queue.prompts(env.node, env.a) == () and not env.logic.CanUndo()
+
+
+def test_refusals_come_at_once_and_the_queue_goes_on(queued):
+    env = queued
+    outside = zyx_to_world(env.volume, (3, -3, 20))
+    with pytest.raises(InputError, match="inside the source volume"):
+        env.queue.click(env.node, env.a, outside)
+    env.queue.click(env.node, env.b, _ras(env, 3, 20, 20))  # B is not selected when its turn comes
+    env.queue.click(env.node, env.a, _ras(env, 3, 20, 20))
+    events = _drain(env.queue)
+    assert "select the segment" in str(events[0].error) and events[1].outcome.written
+    assert env.queue.prompts(env.node, env.b) == ()
+
+
+def test_propagation_in_the_queue_and_cancel(queued):
+    env = queued
+    env.queue.click(env.node, env.a, _ras(env, 3, 20, 20))
+    env.queue.propagate(env.node, env.a)
+    with pytest.raises(InputError, match="propagation"):
+        env.queue.click(env.node, env.a, _ras(env, 5, 20, 20))
+    events = _drain(env.queue)
+    assert events[1].outcome.written and len(events[1].outcome.slices) == SHAPE[0] - 1
+    assert _points(env.queue.prompts(env.node, env.a)) == [("point", 3, True, False)]  # propagation keeps them
+    env.session.slow = True
+    env.queue.propagate(env.node, env.a)
+    env.queue.poll(0.01)
+    env.queue.cancel()
+    events = _drain(env.queue)
+    assert events[0].cancelled and len(env.session.history) == 3  # add_object, refine, propagate
+    assert _points(env.queue.prompts(env.node, env.a)) == [("point", 3, True, False)]
+
+
+def test_the_slice_under_the_mouse_is_prepared_once_it_rests_there(queued):
+    env = queued
+    now = [100.0]
+    queue = InteractionQueue(env.workspace, prepare=True, clock=lambda: now[0])
+    queue.hover(_ras(env, 4, 20, 20), env.node, env.a)
+    assert queue.active and queue.poll(0.01) == [] and env.session.prepared == []  # not yet: debounced
+    now[0] += 0.1
+    queue.hover(_ras(env, 6, 20, 20), env.node, env.a)  # scrolled on
+    now[0] += PREPARE_DELAY_S - 0.05
+    queue.poll(0.01)
+    assert env.session.prepared == []
+    now[0] += 0.1
+    queue.poll(0.01)
+    assert queue.poll(0.5) == [] and env.session.prepared == [([6], None)]
+    assert not queue.active  # each slice once
+    queue.hover(_ras(env, 6, 30, 30), env.node, env.a)
+    now[0] += 1
+    queue.poll(0.01)
+    assert env.session.prepared == [([6], None)]
+    queue.click(env.node, env.a, _ras(env, 2, 20, 20))  # an interaction goes first; then the object's window
+    queue.hover(_ras(env, 7, 20, 20), env.node, env.a)
+    now[0] += 1
+    _drain(queue)
+    while queue.active:
+        queue.poll(0.05)
+    assert env.session.prepared[-1] == ([7], 1) and env.session.most_in_flight == 1
+    assert queue.hover(zyx_to_world(env.volume, (20, 5, 5)), env.node, env.a) is None  # outside: nothing
+
+
+# ---------------------------------------------------------------------------------------- markers on a slice view
+def _slice_node(scene, env, z):
+    """An axial-ish slice view through slice ``z`` of the volume (its plane holds the volume's i and j axes)."""
+    node = scene.mrml.AddNewNodeByClass("vtkMRMLSliceNode")
+    node.SetDimensions(200, 160, 1)
+    node.SetFieldOfView(100.0, 80.0, 1.0)
+    m = env.ijk_to_ras
+    normal = np.cross(m[:3, 0], m[:3, 1])
+    node.SetSliceToRASByNTP(*normal, *m[:3, 0], *zyx_to_world(env.volume, (z, 20, 24)), 0)
+    node.UpdateMatrices()
+    return node
+
+
+@pytest.mark.parametrize("grid", ["RAS", "oblique"])
+def test_markers_of_the_slice_on_screen(scene, editor, grid):
+    from MedicalSAM3Lib import overlay
+
+    env = editor(grid, session=lambda volume: GatedSession())
+    queue = InteractionQueue(env.workspace, prepare=False)
+    queue.click(env.node, env.a, _ras(env, 3, 20, 20))
+    queue.click(env.node, env.a, _ras(env, 3, 30, 30), positive=False)
+    queue.box(env.node, env.a, _ras(env, 3, 10, 12), _ras(env, 3, 25, 30))
+    queue.click(env.node, env.a, _ras(env, 5, 20, 20))
+    _drain(queue)
+    prompts = queue.prompts(env.node, env.a)
+    view3, view4, view5 = (_slice_node(scene, env, z) for z in (3, 4, 5))
+    shapes = overlay.shapes_on_slice(prompts, env.volume, view3, env.workspace.axis)
+    assert [(s.kind, s.rgba[:3]) for s in shapes] == [("point", overlay.POSITIVE), ("point", overlay.NEGATIVE),
+                                                      ("box", overlay.BOX)]
+    xy_to_ras = slicer.util.arrayFromVTKMatrix(view3.GetXYToRAS())
+    centre = xy_to_ras @ np.array([*shapes[0].xy[0], 0.0, 1.0])
+    np.testing.assert_allclose(centre[:3], _ras(env, 3, 20, 20), atol=1e-6)  # drawn where it was clicked
+    corners = [xy_to_ras @ np.array([x, y, 0.0, 1.0]) for x, y in shapes[2].xy]
+    np.testing.assert_allclose(corners[0][:3], _ras(env, 3, 10, 12), atol=1e-6)
+    np.testing.assert_allclose(corners[2][:3], _ras(env, 3, 25, 30), atol=1e-6)
+    assert overlay.shapes_on_slice(prompts, env.volume, view4, env.workspace.axis) == []
+    assert [s.kind for s in overlay.shapes_on_slice(prompts, env.volume, view5, env.workspace.axis)] == ["point"]
+    band = overlay.rubber_band(env.volume, view3, _ras(env, 3, 5, 5), _ras(env, 3, 9, 15), env.workspace.axis)
+    polydata = vtk.vtkPolyData()
+    overlay.fill_polydata(polydata, shapes + [band])
+    assert polydata.GetPolys().GetNumberOfCells() == 2 and polydata.GetLines().GetNumberOfCells() == 2
+    assert polydata.GetNumberOfPoints() == 2 * overlay.CIRCLE_SEGMENTS + 8
+    colors = polydata.GetPointData().GetScalars()
+    assert colors.GetNumberOfComponents() == 4 and colors.GetTuple4(0) == (38, 217, 64, 255)
+
+
+def test_pending_markers_are_faint(queued, scene):
+    from MedicalSAM3Lib import overlay
+
+    env = queued
+    env.session.gate.clear()
+    env.queue.click(env.node, env.a, _ras(env, 3, 20, 20))
+    shapes = overlay.shapes_on_slice(env.queue.prompts(env.node, env.a), env.volume, _slice_node(scene, env, 3),
+                                     env.workspace.axis)
+    assert [s.rgba[3] for s in shapes] == [overlay.PENDING_ALPHA]
+    env.session.gate.set()
+    _drain(env.queue)

@@ -1,6 +1,10 @@
-"""A simulated annotator corrects the demo model's text results on the HOLD-OUT scan (issue #27, part 5).
+"""A simulated annotator corrects a model's text results on the HOLD-OUT scan (issue #27, part 5).
 
     python Training/examples/simulate_annotator.py --model Resources/demo_model --output runs/annotator
+    python Training/examples/simulate_annotator.py --case chest --output runs/annotator_val   # validation
+
+``--case chest`` runs it on the VALIDATION scan of ``evaluate_demo.py`` (the chest CT angiogram, aorta and
+both lungs): the one to choose models and settings on.
 
 The scan and reference are those of ``evaluate_demo.py`` (the 20-slice DICOM CT series of the
 TotalSegmentator 2.18.0 sample data, compared with TotalSegmentator's label map for it). For each organ of
