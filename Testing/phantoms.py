@@ -27,3 +27,14 @@ def stored_ras_wise(volume):
     corner = np.array(g.origin) + np.array([(x - 1) * g.spacing[0], (y - 1) * g.spacing[1], 0.0])
     twin_geometry = Geometry(spacing=g.spacing, origin=tuple(corner), direction=RAS_STORED)
     return Volume(np.ascontiguousarray(volume.array[:, ::-1, ::-1]), twin_geometry, modality="CT")
+
+
+#: IJK-to-RAS matrices (Slicer's convention, 4 x 4) of voxel grids the scene tests run on: RAS- and
+#: LPS-ordered axes and an oblique one (a rotation, anisotropic spacing, an origin off zero).
+OBLIQUE = np.linalg.qr(np.array([[0.9, 0.3, 0.1], [-0.2, 0.8, 0.4], [0.1, -0.3, 0.9]]))[0]
+GRIDS = {
+    "RAS": np.diag([0.8, 0.9, 2.5, 1.0]),
+    "LPS": np.diag([-0.8, -0.9, 2.5, 1.0]),
+    "oblique": np.block([[OBLIQUE @ np.diag([0.8, 0.9, 2.5]), np.array([[10.0], [-20.0], [30.0]])],
+                         [np.zeros((1, 3)), np.ones((1, 1))]]),
+}

@@ -25,15 +25,8 @@ from MedicalSAM3Lib.interactive import (FEW_SLICES, PREPARE_DELAY_S, EditorLogic
                                         key_slices_for, modifier_labelmap, reference_geometry, segment_region,
                                         world_to_zyx, zyx_to_world)
 from MedicalSAM3Lib.scene import _oriented_image
-from phantoms import make_phantom
+from phantoms import GRIDS, make_phantom
 
-OBLIQUE = np.linalg.qr(np.array([[0.9, 0.3, 0.1], [-0.2, 0.8, 0.4], [0.1, -0.3, 0.9]]))[0]
-GRIDS = {
-    "RAS": np.diag([0.8, 0.9, 2.5, 1.0]),
-    "LPS": np.diag([-0.8, -0.9, 2.5, 1.0]),
-    "oblique": np.block([[OBLIQUE @ np.diag([0.8, 0.9, 2.5]), np.array([[10.0], [-20.0], [30.0]])],
-                         [np.zeros((1, 3)), np.ones((1, 1))]]),
-}
 SHAPE = make_phantom().shape  # (10, 40, 48)
 R = 3  # the fake engine's click square: +-R voxels
 

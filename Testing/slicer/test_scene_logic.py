@@ -14,15 +14,8 @@ from MedicalSAM3Core.inference.engine import Segmenter
 from MedicalSAM3Lib.scene import (PROMPT_TAG, _oriented_image, restore_previous, segment_center_ras, segment_mask,
                                   segment_tag, segment_volume, unchanged_since_written, volume_from_node,
                                   volume_grid, write_segments)
-from phantoms import make_phantom
+from phantoms import GRIDS, make_phantom
 
-OBLIQUE = np.linalg.qr(np.array([[0.9, 0.3, 0.1], [-0.2, 0.8, 0.4], [0.1, -0.3, 0.9]]))[0]
-GRIDS = {
-    "RAS": np.diag([0.8, 0.9, 2.5, 1.0]),
-    "LPS": np.diag([-0.8, -0.9, 2.5, 1.0]),
-    "oblique": np.block([[OBLIQUE @ np.diag([0.8, 0.9, 2.5]), np.array([[10.0], [-20.0], [30.0]])],
-                         [np.zeros((1, 3)), np.ones((1, 1))]]),
-}
 
 
 @pytest.fixture
