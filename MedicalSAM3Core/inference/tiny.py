@@ -111,7 +111,24 @@ def add_tracker(detector, heads: int = 4, ffn: int = 512, memory_layers: int = 2
     video = Sam3VideoModel(Sam3VideoConfig(detector_config=config.to_dict(), tracker_config=tracker.to_dict(),
                                            low_res_mask_size=4 * grid))
     video.detector_model.load_state_dict(detector.state_dict(), strict=True)
+    tie_prompt_positions(video.tracker_model)
     return video
+
+
+def tie_prompt_positions(tracker) -> None:
+    """Give the tracker's prompt encoder the image's positional encoding (in place).
+
+    SAM's points and boxes are placed on the image by comparing their random Fourier encoding with the
+    image's: one Gaussian matrix for both (Meta's SAM2/SAM3 share it; ``convert.py`` writes the one
+    checkpoint tensor into both transformers buffers). transformers' random initialisation draws
+    ``prompt_encoder.shared_embedding`` and ``shared_image_embedding`` independently, and both are
+    buffers, which training never changes: a tracker trained from that start can never tell where a
+    click or a box is."""
+    import torch
+
+    with torch.no_grad():
+        tracker.prompt_encoder.shared_embedding.positional_embedding.copy_(
+            tracker.shared_image_embedding.positional_embedding)
 
 
 def tiny_video_config(image_size: int = 56):

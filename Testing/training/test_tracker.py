@@ -341,6 +341,9 @@ def test_a_tracker_is_added_to_a_detector_only_model_and_trained(discs, tmp_path
     tracker = trainer.bundle.full.tracker_model
     assert len(tracker.memory_attention.layers) == 1
     assert tracker.config.memory_attention_hidden_size == trainer.detector.config.vision_config.fpn_hidden_size
+    # clicks and boxes are encoded in the image's own positional basis, as in Meta's SAM3 (not two random ones)
+    torch.testing.assert_close(tracker.prompt_encoder.shared_embedding.positional_embedding,
+                               tracker.shared_image_embedding.positional_embedding, rtol=0, atol=0)
     trainer.run()
     folder = tmp_path / "trk" / "model"
     assert json.loads((folder / "config.json").read_text())["model_type"] == "sam3_video"
