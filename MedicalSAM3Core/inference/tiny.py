@@ -122,7 +122,7 @@ def tie_prompt_positions(tracker) -> None:
     image's: one Gaussian matrix for both (Meta's SAM2/SAM3 share it; ``convert.py`` writes the one
     checkpoint tensor into both transformers buffers). transformers' random initialisation draws
     ``prompt_encoder.shared_embedding`` and ``shared_image_embedding`` independently, and both are
-    buffers, which training never changes: a tracker trained from that start can never tell where a
+    buffers, which training never changes: a tracker trained from that start can hardly tell where a
     click or a box is."""
     import torch
 
