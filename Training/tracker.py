@@ -10,11 +10,18 @@ proportions ``tracker.prompts``:
 
 * ``mask``: the ground-truth mask (what the engine does: the detector's mask starts each track);
 * ``box``: the ground-truth box, each side moved by up to 10% of its length (at most 20 px), as SAM2;
-* ``points``: one positive click drawn uniformly inside the object, as SAM2.
+* ``points``: one positive click drawn uniformly inside the object, as SAM2;
+* ``refine``: what an annotator correcting a text result does. An imperfect mask of the object
+  (:func:`corrupt_mask`: the ground truth grown or shrunk, shifted, a part cut off or a false blob
+  added, as a detector's mask may be) is the frame's current mask, given to the mask decoder as
+  previous-mask logits exactly as the engine's ``VolumeSession.refine`` gives a text result
+  (:func:`MedicalSAM3Core.inference.tracking.mask_as_logits`), with one click on its largest error.
 
-A box or a click is followed by ``tracker.correction_clicks`` corrective clicks on the same frame,
-each at the centre of the largest error region (a positive click in a missed region, a negative
-one in a false one: the simulated annotator of the SAM and nnInteractive evaluations). Then the
+A box, a click or a refine prompt is followed by ``tracker.correction_clicks`` corrective clicks on
+the same frame, each at the centre of the largest error region (a positive click in a missed region,
+a negative one in a false one: the simulated annotator of the SAM and nnInteractive evaluations),
+each given with the previous output's mask logits (SAM2's iterative training; the engine does the
+same with every click). Then the
 object is tracked with the memory bank forward to the clip's end and, from a fresh memory holding the
 prompted frame (as the engine sweeps), backward to its start. On ``tracker.corrected_frames`` tracked
 frames a corrective click is added after the frame was tracked; that frame becomes a conditioning
@@ -44,10 +51,12 @@ from MedicalSAM3Core.common.errors import InputError
 
 from .losses import dice_loss, sigmoid_focal_loss
 
-TRACKER_DEFAULTS = {"clip_length": 8, "clips_per_step": 2, "prompts": {"mask": 1.0, "box": 1.0, "points": 1.0},
+TRACKER_DEFAULTS = {"clip_length": 8, "clips_per_step": 2,
+                    "prompts": {"mask": 1.0, "box": 1.0, "points": 1.0, "refine": 0.0},
                     "correction_clicks": 2, "corrected_frames": 1, "box_noise": 0.1, "lr": None,
                     "weights": {"mask": 20.0, "dice": 1.0, "iou": 1.0, "object": 1.0}, "loss_weight": 1.0}
-PROMPT_KINDS = ("mask", "box", "points")
+PROMPT_KINDS = ("mask", "box", "points", "refine")
+FROM_STEP = object()  # corrective clicks: the previous mask logits are the last output's
 
 
 @dataclass
@@ -63,7 +72,7 @@ class Anchor:
 @dataclass
 class Clip:
     """``pixel_values`` ``(T, 3, S, S)``; ``masks`` ``(T, S, S)`` bool (the object, per frame); ``prompt``:
-    index of the prompted frame in the clip; ``kind``: mask, box or points; ``corrected``: frames that
+    index of the prompted frame in the clip; ``kind``: mask, box, points or refine; ``corrected``: frames that
     get a corrective click after being tracked."""
 
     pixel_values: torch.Tensor
@@ -97,7 +106,8 @@ def tracker_settings(raw: Optional[dict], where: str = "tracker") -> dict:
             raise InputError(f"{where}.{key} must be an integer >= {least}, got {settings[key]!r}")
     shares = settings["prompts"]
     if any(not isinstance(v, (int, float)) or v < 0 for v in shares.values()) or sum(shares.values()) <= 0:
-        raise InputError(f"{where}.prompts: proportions of mask, box and points must be >= 0 and not all 0, got {shares!r}")
+        raise InputError(f"{where}.prompts: proportions of {', '.join(PROMPT_KINDS)} must be >= 0 and not all 0, "
+                         f"got {shares!r}")
     return settings
 
 
@@ -204,6 +214,42 @@ def initial_prompt(kind: str, mask: np.ndarray, rng: np.random.Generator, box_no
     return box.reshape(2, 2).astype(np.float32), np.array([2, 3])
 
 
+def corrupt_mask(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """An imperfect copy of ``mask`` (``(S, S)`` bool, not empty), as a text result may be wrong: one or two
+    of grown or shrunk by 1 to 6 px, shifted by up to a fifth of the object's size (at most 12 px), the
+    part beyond a random line through the object cut off, a false blob (a disc up to the object's size)
+    added beside it. The simulated current mask of a ``refine`` prompt."""
+    from scipy import ndimage
+
+    out = mask.copy()
+    rows, cols = np.nonzero(mask)
+    extent = max(2.0, float(max(np.ptp(rows), np.ptp(cols)) + 1))
+    for op in rng.choice(4, size=int(rng.integers(1, 3)), replace=False):
+        if op == 0:
+            radius = int(rng.integers(1, 7))
+            grown = rng.random() < 0.5
+            structure = ndimage.generate_binary_structure(2, 1)
+            morph = ndimage.binary_dilation if grown else ndimage.binary_erosion
+            out = morph(out, structure, iterations=radius)
+        elif op == 1:
+            limit = min(12.0, extent / 5)
+            dy, dx = (int(round(rng.uniform(-limit, limit))) for _ in range(2))
+            out = np.roll(out, (dy, dx), axis=(0, 1))
+        elif op == 2:
+            i = int(rng.integers(len(rows)))
+            angle = rng.uniform(0, 2 * np.pi)
+            yy, xx = np.mgrid[:mask.shape[0], :mask.shape[1]]
+            out &= (yy - rows[i]) * np.sin(angle) + (xx - cols[i]) * np.cos(angle) < 0
+        else:
+            radius = rng.uniform(2, max(3.0, extent / 2))
+            angle = rng.uniform(0, 2 * np.pi)
+            distance = extent / 2 + radius * rng.uniform(0.2, 1.0)
+            cy, cx = rows.mean() + distance * np.sin(angle), cols.mean() + distance * np.cos(angle)
+            yy, xx = np.mgrid[:mask.shape[0], :mask.shape[1]]
+            out |= (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+    return out
+
+
 # -- loss ----------------------------------------------------------------------------------------
 def canvas_logits(low_res: torch.Tensor, size: int) -> torch.Tensor:
     """``(..., h, w)`` tracker mask logits to the ``size`` canvas (bilinear, as the tracker upsamples)."""
@@ -264,24 +310,42 @@ def track_clip(video, detector, clip: Clip, settings: dict, rng: np.random.Gener
     def predicted(step) -> np.ndarray:
         return (canvas_logits(step.low_res, size)[0, 0] > 0).detach().cpu().numpy()
 
-    def corrected(track_, frame: int, step, points=None, labels=None, rounds: int = 1, conditioning=None):
+    def corrected(track_, frame: int, step, points=None, labels=None, rounds: int = 1, conditioning=None,
+                  current=None, previous=FROM_STEP):
+        """``rounds`` clicks on the errors of ``current`` (canvas bool; default: ``step``'s mask), each with
+        the previous mask logits (``previous`` for the first, None for none; then each output's own), as the
+        engine's refine."""
         points = np.zeros((0, 2), np.float32) if points is None else points
         labels = np.zeros((0,), np.int64) if labels is None else labels
         gt = truth[frame].cpu().numpy()
         for _ in range(rounds):
-            click = click_on_error(predicted(step), gt)
+            shown = predicted(step) if current is None else current
+            click = click_on_error(shown, gt)
             if click is None:
                 break
+            if previous is FROM_STEP:
+                previous = step.low_res.detach()[0, 0]
             points = np.concatenate([points, np.array([click[:2]], np.float32)])
             labels = np.concatenate([labels, [click[2]]])
             step = track_.step(frame, points=torch.from_numpy(points), labels=torch.from_numpy(labels),
-                               conditioning=conditioning)
+                               conditioning=conditioning, previous_logits=previous)
             record(step, frame)
+            current, previous = None, FROM_STEP
         return step
 
     p = clip.prompt
     if clip.kind == "mask":
         track.step(p, mask=truth[p])
+    elif clip.kind == "refine":
+        from MedicalSAM3Core.inference.tracking import mask_as_logits
+
+        start = corrupt_mask(truth[p].cpu().numpy(), rng)
+        # an empty slice has no current mask: the engine gives no previous logits there either
+        previous = mask_as_logits(torch.from_numpy(start).to(device), track.tracker) if start.any() else None
+        step = corrected(track, p, None, rounds=1 + settings["correction_clicks"], current=start,
+                         previous=previous)
+        if step is None:  # the imperfect mask came out perfect: the frame is a mask prompt
+            track.step(p, mask=truth[p])
     else:
         points, labels = initial_prompt(clip.kind, truth[p].cpu().numpy(), rng, settings["box_noise"])
         step = track.step(p, points=torch.from_numpy(points), labels=torch.from_numpy(labels))

@@ -94,10 +94,14 @@ def load_config(path: Path | str) -> dict:
     extra = config["model"]["add_tracker"]
     if extra is not None:
         sizes = ("heads", "ffn", "memory_layers")
-        if not isinstance(extra, dict) or set(extra) - set(sizes) or \
-                not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in extra.values()):
+        sized = {k: v for k, v in extra.items() if k != "multimask"} if isinstance(extra, dict) else None
+        if sized is None or set(sized) - set(sizes) or \
+                not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sized.values()):
             raise InputError(f"{path}: model.add_tracker must be a mapping of positive integers among "
-                             f"{', '.join(sizes)} (sizes of the new tracker; {{}} for the defaults), got {extra!r}")
+                             f"{', '.join(sizes)} (sizes of the new tracker; {{}} for the defaults) and multimask "
+                             f"(true or false), got {extra!r}")
+        if not isinstance(extra.get("multimask", True), bool):
+            raise InputError(f"{path}: model.add_tracker.multimask must be true or false, got {extra['multimask']!r}")
         if not config["model"]["init"]:
             raise InputError(f"{path}: model.add_tracker puts a tracker around the detector of model.init; "
                              "it needs model.init (a model trained from_config has its tracker already)")
@@ -269,8 +273,8 @@ def export_model(bundle: ModelBundle, folder: Path, config: dict, metrics: Optio
     bundle.tokenizer.save_pretrained(staging)
     keep = {k: v for k, v in bundle.preprocess.items()
             if k in ("window", "field_of_view_mm", "orientation", "body_mask", "empty_geometry_prompt",
-                     "mask_threshold", "concept_mask_thresholds", "largest_component", "trained_concepts",
-                     "trained_modalities")}
+                     "mask_threshold", "concept_mask_thresholds", "largest_component", "default_mode",
+                     "trained_concepts", "trained_modalities")}
     (staging / "medsam3_preprocessing.json").write_text(json.dumps(keep, indent=2) + "\n")
     (staging / "training.json").write_text(json.dumps({"config": config, "metrics": metrics or {}}, indent=2) + "\n")
     shutil.rmtree(folder, ignore_errors=True)

