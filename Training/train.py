@@ -271,10 +271,9 @@ def export_model(bundle: ModelBundle, folder: Path, config: dict, metrics: Optio
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
     model.save_pretrained(staging, state_dict=state)  # stored in dtype; the engine loads float32
     bundle.tokenizer.save_pretrained(staging)
-    keep = {k: v for k, v in bundle.preprocess.items()
-            if k in ("window", "field_of_view_mm", "orientation", "body_mask", "empty_geometry_prompt",
-                     "mask_threshold", "concept_mask_thresholds", "largest_component", "default_mode",
-                     "trained_concepts", "trained_modalities")}
+    from MedicalSAM3Core.inference.models import PREPROCESSING_KEYS
+
+    keep = {k: v for k, v in bundle.preprocess.items() if k in PREPROCESSING_KEYS}
     (staging / "medsam3_preprocessing.json").write_text(json.dumps(keep, indent=2) + "\n")
     (staging / "training.json").write_text(json.dumps({"config": config, "metrics": metrics or {}}, indent=2) + "\n")
     shutil.rmtree(folder, ignore_errors=True)

@@ -249,6 +249,10 @@ def load_model(source: str, device: str = "auto", dtype: str = "auto") -> Loaded
 
 
 PREPROCESSING_FILE = "medsam3_preprocessing.json"
+# the entries of that file (each checked by :func:`check_preprocessing`); what a trained model's export writes
+PREPROCESSING_KEYS = ("window", "field_of_view_mm", "orientation", "body_mask", "empty_geometry_prompt",
+                      "mask_threshold", "concept_mask_thresholds", "largest_component", "default_mode",
+                      "trained_concepts", "trained_modalities")
 
 
 def read_preprocessing(model_dir: Path) -> dict:
