@@ -508,3 +508,44 @@ def test_a_single_mask_tracker_answers_a_click_with_one_mask(discs, tmp_path):
     loaded = Sam3VideoModel.from_pretrained(tmp_path / "single")
     assert loaded.tracker_model.config.multimask_output_in_sam is False
     assert loaded.tracker_model.mask_decoder.dynamic_multimask_via_stability is False
+
+
+def test_score_clicks_scores_one_click_on_the_configs_clips(discs, tmp_path, capsys):
+    """``Training/examples/score_clicks.py`` (how the tracker runs were judged on training clips): the
+    given masks are :func:`corrupt_mask`'s draws on the config's own clips, the answers come from the
+    checkpoint's weights, ``--lone`` gives no mask, and a bad ``--model`` is a clear error."""
+    import copy
+
+    sys.path.insert(0, str(REPO / "Training" / "examples"))
+    import score_clicks
+    from Training.tracker import click_on_error, corrupt_mask
+    from Training.train import Trainer
+
+    config = tiny_config(discs, tmp_path / "run", tasks=["tracker"], steps=1)
+    config["tracker"] = {"prompts": {"mask": 0.0, "box": 0.0, "points": 0.0, "refine": 1.0}, "clip_length": 1,
+                         "refine_severity": 0.5}
+    trainer = Trainer(copy.deepcopy(config))
+    state = trainer.bundle.full.state_dict()
+    torch.save({"model": state, "step": 0}, tmp_path / "random.pt")
+    rows = score_clicks.score(copy.deepcopy(config), tmp_path / "random.pt", 4, 0.5, False)
+    expected = []
+    for i in range(4):
+        rng = np.random.default_rng([7, i])
+        clip = trainer.clips.draw(rng)
+        truth = clip.masks[clip.prompt].numpy()
+        given = corrupt_mask(truth, rng, 0.5)
+        if click_on_error(given, truth) is not None:
+            expected.append((clip.concept, round(score_clicks.dice(given, truth), 6)))
+    assert expected and [(r[0], round(r[1], 6)) for r in rows] == expected
+    assert all(0 <= r[2] <= 1 and r[3] > 0.5 for r in rows)  # the discs survive the decoder's mask grid
+    silent = {k: torch.zeros_like(v) if ".mask_decoder." in k and v.is_floating_point() else v for k, v in state.items()}
+    torch.save({"model": silent, "step": 0}, tmp_path / "silent.pt")
+    assert any(r[2] > 0 for r in rows)  # the random decoder draws something; a silenced one nothing
+    assert all(r[2] == 0 for r in score_clicks.score(copy.deepcopy(config), tmp_path / "silent.pt", 4, 0.5, False))
+    assert all(r[1] == 0 for r in score_clicks.score(copy.deepcopy(config), tmp_path / "random.pt", 2, 0.5, True))
+    print(score_clicks.report(rows))
+    assert f"{len(rows)} clips: given" in capsys.readouterr().out
+    written = tmp_path / "c.yaml"
+    written.write_text(yaml.safe_dump(config))
+    assert score_clicks.main(["--config", str(written), "--model", str(tmp_path / "missing")]) == 2
+    assert "neither an exported model folder nor a checkpoint" in capsys.readouterr().err
