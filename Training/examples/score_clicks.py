@@ -38,11 +38,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "Training" / "examples"))
 
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    total = int(pred.sum()) + int(truth.sum())
-    return 1.0 if total == 0 else 2.0 * int((pred & truth).sum()) / total
+from simulate_annotator import dice  # noqa: E402  (the annotator's Dice, empty against empty = 1)
 
 
 def score(config: dict, model: Path, clips: int, severity: float, lone: bool) -> list[tuple]:
